@@ -1,0 +1,299 @@
+"""Convert a corpus into stores + manifest: discover -> preprocess -> write -> manifest rows, on dask.
+
+Resumable by construction: each finished volume (or failure) is appended to `OUT/.journal.jsonl` by
+the driver only after its sample was renamed into place, and tar shards are packed afterwards from a
+deterministic plan (sorted ids, cut at `shard_bytes`), each written whole and renamed. A killed run
+rerun with the same command skips what the journal holds, so its manifest equals an uninterrupted
+run's; `manifest.parquet` and `errors.parquet` are rewritten from the journal at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import pandas as pd
+import SimpleITK as sitk
+from tqdm.auto import tqdm
+
+from openmind_tools import __version__, wds_store, zarr_store
+from openmind_tools.corpus import Corpus, SourceImage, discover
+from openmind_tools.errors import ConfigError, InputError
+from openmind_tools.manifest_io import write_table
+from openmind_tools.preprocess import PreprocessSettings, preprocess
+
+FORMATS = ("zarr", "wds")
+ZARR_DIR, STAGING_DIR, JOURNAL, RUN_FILE = "store.zarr", ".staging.zarr", ".journal.jsonl", ".run.json"
+MANIFEST, ERRORS = "manifest.parquet", "errors.parquet"
+
+
+@dataclass(frozen=True)
+class Summary:
+    converted: int
+    failed: int
+    skipped: int  # already in the journal from an earlier run
+    source_bytes: int
+    stored_bytes: int
+    seconds: float
+    out: Path
+
+    def __str__(self) -> str:
+        rate = (self.converted + self.failed - self.skipped) / max(self.seconds, 1e-9)
+        text = (
+            f"{self.converted} converted, {self.failed} failed, {self.skipped} already done; "
+            f"{self.source_bytes / 1e6:.1f} MB in -> {self.stored_bytes / 1e6:.1f} MB stored "
+            f"({self.stored_bytes / max(self.source_bytes, 1):.2f}x); {self.seconds:.1f} s, {rate:.2f} volumes/s\n"
+            f"manifest: {self.out / MANIFEST}"
+        )
+        if self.failed:
+            text += f"\nfailures and their reasons: {self.out / ERRORS}"
+        return text
+
+
+def convert(
+    root: str | Path,
+    out: str | Path,
+    settings: PreprocessSettings = PreprocessSettings(),
+    formats: Sequence[str] = ("zarr",),
+    modalities: Sequence[str] | None = None,
+    limit: int | None = None,
+    shard_bytes: int = 10**9,
+    client: Any = None,
+    retry_errors: bool = False,
+    progress: bool = True,
+) -> Summary:
+    """Convert `root` into `out`; `client` is a dask.distributed Client (None runs in this process)."""
+    start = time.perf_counter()
+    formats = _check_formats(formats)
+    out = Path(out)
+    corpus = discover(root, modalities=modalities, limit=limit)
+    out.mkdir(parents=True, exist_ok=True)
+    _claim(out, settings, formats)
+    zarr_root = out / (ZARR_DIR if "zarr" in formats else STAGING_DIR)
+    zarr_store.clean_partial(zarr_root)
+
+    journal = _read_journal(out / JOURNAL)
+    done = {i: r for i, r in journal.volumes.items() if retry_errors is False or r["status"] == "ok"}
+    todo = [img for img in corpus.images if img.id not in done]
+    with (out / JOURNAL).open("a") as log:
+        results = _run(_convert_one, todo, client, progress, "convert", zarr_root=str(zarr_root), settings=settings)
+        for record in results:
+            done[record["id"]] = record
+            _append(log, {"volume": record})
+        ok = sorted(i for i in (img.id for img in corpus.images) if done[i]["status"] == "ok")
+        if "wds" in formats:
+            _pack_shards(out, zarr_root, [done[i] for i in ok], journal.shards, shard_bytes, client, progress, log)
+
+    records = [done[img.id] for img in corpus.images]
+    manifest = _manifest(corpus, [r for r in records if r["status"] == "ok"], formats, settings, out)
+    errors = _errors([r for r in records if r["status"] == "error"], corpus.duplicates)
+    meta = {"settings": settings.to_dict(), "settings_hash": settings.digest(), "formats": list(formats)}
+    write_table(manifest, out / MANIFEST, meta)
+    write_table(errors, out / ERRORS, meta)
+    if "zarr" not in formats:
+        shutil.rmtree(zarr_root, ignore_errors=True)
+    stored = manifest[[c for c in ("zarr_nbytes", "wds_nbytes") if c in manifest]].sum().sum()
+    return Summary(
+        converted=len(manifest),
+        failed=len(errors),
+        skipped=len(corpus.images) - len(todo),
+        source_bytes=int(manifest["source_nbytes"].sum()) if len(manifest) else 0,
+        stored_bytes=int(stored),
+        seconds=time.perf_counter() - start,
+        out=out,
+    )
+
+
+def _convert_one(image: SourceImage, zarr_root: str, settings: PreprocessSettings) -> dict[str, Any]:
+    """One volume, on a worker: preprocess, write, and return its journal record (never raises)."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # dask workers are the parallelism
+    numcodecs.blosc.set_nthreads(1)
+    try:
+        result = preprocess(image.image, image.anatomy_mask, image.deface_mask, settings)
+        attrs = {"id": image.id, "settings_hash": settings.digest(), "affine": result.meta["affine"]}
+        nbytes = zarr_store.write_volume(zarr_root, image.id, result.volume, attrs)
+    except InputError as e:
+        return _failure(image, type(e).__name__, str(e))
+    except Exception as e:  # an unforeseen failure of one input must not stop a 114k-volume run
+        return _failure(image, type(e).__name__, f"{image.image}: {type(e).__name__}: {e}")
+    return {
+        "id": image.id,
+        "status": "ok",
+        **result.meta,
+        "checksum": result.volume.checksum(),
+        "source_nbytes": sum(p.stat().st_size for p in (image.image, image.anatomy_mask, image.deface_mask) if p),
+        "zarr_nbytes": nbytes,
+    }
+
+
+def _failure(image: SourceImage, error_type: str, reason: str) -> dict[str, Any]:
+    return {"id": image.id, "status": "error", "source_path": str(image.image), "error_type": error_type,
+            "reason": reason}  # fmt: skip
+
+
+def _pack_shards(
+    out: Path,
+    zarr_root: Path,
+    records: list[dict[str, Any]],
+    packed: dict[str, dict[str, Any]],
+    shard_bytes: int,
+    client: Any,
+    progress: bool,
+    log: Any,
+) -> None:
+    """Pack converted volumes into tar shards by a plan that depends only on the sorted records."""
+    plan: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for record in records:
+        nbytes = 3 * int(record["shape"][0] * record["shape"][1] * record["shape"][2])  # fp16 image + u8 code
+        if plan[-1] and size + nbytes > shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(record)
+        size += nbytes
+    jobs = []
+    for index, members in enumerate(plan):
+        name = wds_store.shard_name(index)
+        ids = [r["id"] for r in members]
+        if members and not (packed.get(name, {}).get("ids") == ids and (out / name).is_file()):
+            jobs.append((name, [(r["id"], tuple(r["shape"]), r["affine"]) for r in members]))
+    for stale in (out / "shards").glob("*.tar*") if (out / "shards").is_dir() else ():
+        if f"shards/{stale.name}" not in {wds_store.shard_name(i) for i in range(len(plan))}:
+            stale.unlink()
+    for name, ids, nbytes in _run(_pack_one, jobs, client, progress, "pack", out=str(out), zarr_root=str(zarr_root)):
+        _append(log, {"shard": name, "ids": ids, "nbytes": nbytes})
+
+
+def _pack_one(
+    job: tuple[str, list[tuple[str, tuple[int, int, int], list]]], out: str, zarr_root: str
+) -> tuple[str, list[str], list[int]]:
+    numcodecs.blosc.set_nthreads(1)
+    name, members = job
+    samples = (
+        (vid, zarr_store.read_volume(zarr_root, vid, shape), {"id": vid, "affine": affine})
+        for vid, shape, affine in members
+    )
+    sizes = wds_store.write_shard(Path(out) / name, samples)
+    return name, [vid for vid, _, _ in members], list(sizes.values())
+
+
+def _run(fn: Callable, items: list, client: Any, progress: bool, what: str, **kwargs: Any) -> Iterator[Any]:
+    """Map `fn` over `items` on the dask client (or here), yielding results as they complete."""
+    bar = tqdm(total=len(items), desc=what, unit="vol" if what == "convert" else "shard", disable=not progress)
+    if client is None:
+        results: Iterable[Any] = (fn(item, **kwargs) for item in items)
+    else:
+        from dask.distributed import as_completed
+
+        futures = client.map(fn, items, pure=False, **kwargs)
+        results = (future.result() for future in as_completed(futures))
+    with bar:
+        for result in results:
+            bar.update()
+            yield result
+
+
+@dataclass
+class _Journal:
+    volumes: dict[str, dict[str, Any]]
+    shards: dict[str, dict[str, Any]]  # shard name -> {"ids": [...], "nbytes": [...]}
+
+
+def _read_journal(path: Path) -> _Journal:
+    journal = _Journal({}, {})
+    if not path.is_file():
+        return journal
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a killed run may be cut short
+            continue
+        if "volume" in entry:
+            journal.volumes[entry["volume"]["id"]] = entry["volume"]
+        elif "shard" in entry:
+            journal.shards[entry["shard"]] = entry
+    return journal
+
+
+def _append(log: Any, entry: dict[str, Any]) -> None:
+    log.write(json.dumps(entry) + "\n")
+    log.flush()
+
+
+def _claim(out: Path, settings: PreprocessSettings, formats: tuple[str, ...]) -> None:
+    """Refuse to resume into a folder converted with other settings or formats (it would mix them)."""
+    run = {"settings": settings.to_dict(), "formats": list(formats), "converter_version": __version__}
+    path = out / RUN_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous["settings"] != run["settings"] or previous["formats"] != run["formats"]:
+            raise ConfigError(
+                f"{out} holds a conversion with settings {previous['settings']} and formats {previous['formats']}; "
+                f"this run asks for {run['settings']} and {run['formats']}: use another output folder"
+            )
+    path.write_text(json.dumps(run, indent=1))
+
+
+def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys(f.strip() for f in formats if f.strip()))
+    if not formats or any(f not in FORMATS for f in formats):
+        raise ConfigError(f"formats: expected one or more of {FORMATS}, got {list(formats)}")
+    return formats
+
+
+def _manifest(
+    corpus: Corpus,
+    records: list[dict[str, Any]],
+    formats: tuple[str, ...],
+    settings: PreprocessSettings,
+    out: Path,
+) -> pd.DataFrame:
+    ours = pd.DataFrame(records).drop(columns=["status"], errors="ignore") if records else pd.DataFrame({"id": []})
+    images = {img.id: img for img in corpus.images}
+    ours.insert(1, "dataset", [images[i].dataset for i in ours["id"]])
+    ours.insert(2, "subject", [images[i].subject for i in ours["id"]])
+    ours.insert(3, "session", [images[i].session for i in ours["id"]])
+    ours.insert(4, "source_path", [str(images[i].image.relative_to(corpus.root)) for i in ours["id"]])
+    ours["settings_hash"] = settings.digest()
+    ours["converter_version"] = __version__
+    if "zarr" in formats:
+        ours["zarr_store"] = ZARR_DIR
+        ours["zarr_array"] = [zarr_store.array_path(i) for i in ours["id"]]
+    else:
+        ours = ours.drop(columns=["zarr_nbytes"], errors="ignore")
+    if "wds" in formats:
+        shards = _read_journal(out / JOURNAL).shards
+        where = {
+            vid: (name, n)
+            for name, entry in shards.items()
+            if (out / name).is_file()
+            for vid, n in zip(entry["ids"], entry["nbytes"], strict=True)
+        }
+        ours["wds_shard"] = [where[i][0] for i in ours["id"]]
+        ours["wds_key"] = [wds_store.sample_key(i) for i in ours["id"]]
+        ours["wds_nbytes"] = [where[i][1] for i in ours["id"]]
+    csv = corpus.table.loc[ours["id"]].reset_index(drop=True)
+    csv = csv.rename(columns={c: f"csv_{c}" for c in csv.columns if c in ours.columns})
+    return pd.concat([ours.reset_index(drop=True), csv], axis=1).sort_values("id", ignore_index=True)
+
+
+def _errors(records: list[dict[str, Any]], duplicates: list[SourceImage]) -> pd.DataFrame:
+    rows = [{k: r[k] for k in ("id", "source_path", "error_type", "reason")} for r in records]
+    rows += [
+        {
+            "id": d.id,
+            "source_path": str(d.image),
+            "error_type": "DuplicateRow",
+            "reason": "CSV lists this image again",
+        }
+        for d in duplicates
+    ]
+    return pd.DataFrame(rows, columns=["id", "source_path", "error_type", "reason"]).sort_values(
+        "id", ignore_index=True
+    )

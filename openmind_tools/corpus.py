@@ -1,0 +1,145 @@
+"""Find the images of an OpenMind download (CSV-driven) or of a plain BIDS-like tree (no CSV).
+
+The published layout is `ROOT/openneuro_metadata.csv` + `ROOT/OpenMind/dsXXXXXX/sub-*/[ses-*/]anat|dwi/...`.
+The CSV, not a file-name pattern, says what is an image (a suffix glob finds under half of them), and
+its `anon_mask_path` / `anat_mask_path` columns name the masks by role, so they are never swapped.
+Without a CSV, images are the .nii/.nii.gz files under `anat/` and `dwi/` folders, the modality is the
+BIDS suffix, and masks come from the sibling `X__Data/{fb_mask,deface_mask}.nii.gz` when present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from openmind_tools.errors import ConfigError
+from openmind_tools.modalities import canonical_modalities
+
+CSV_NAME = "openneuro_metadata.csv"
+IMAGE_DIR = "OpenMind"
+ANATOMY_MASK, DEFACE_MASK = "fb_mask.nii.gz", "deface_mask.nii.gz"
+_IMAGE_FOLDERS = ("anat", "dwi")
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    id: str  # relative path without extension, e.g. ds001486/sub-001/ses-T1/anat/sub-001_ses-T1_T1w
+    image: Path
+    anatomy_mask: Path | None
+    deface_mask: Path | None
+    modality: str
+    dataset: str
+    subject: str
+    session: str | None
+
+
+@dataclass(frozen=True)
+class Corpus:
+    root: Path
+    images: list[SourceImage]
+    table: pd.DataFrame  # one row per image, indexed by id: every CSV column, unchanged
+    duplicates: list[SourceImage]  # CSV rows naming an image already listed
+
+
+def discover(root: str | Path, modalities: Sequence[str] | None = None, limit: int | None = None) -> Corpus:
+    """List the corpus's images, optionally only some modalities and the first `limit` (sorted by id)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"{root}: not a directory")
+    corpus = _from_csv(root) if (root / CSV_NAME).is_file() else _from_tree(root)
+    images = corpus.images
+    if modalities:
+        wanted = set(canonical_modalities(modalities, present=sorted({i.modality for i in images})))
+        images = [i for i in images if i.modality in wanted]
+    images = images[:limit] if limit is not None else images
+    ids = [i.id for i in images]
+    return Corpus(root, images, corpus.table.loc[ids], corpus.duplicates)
+
+
+def volume_id(relative_path: str) -> str:
+    """Stable id of an image: its path relative to the image folder, without .nii/.nii.gz."""
+    path = relative_path.replace("\\", "/").strip("/")
+    for ext in (".nii.gz", ".nii"):
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
+def _from_csv(root: Path) -> Corpus:
+    csv = root / CSV_NAME
+    table = pd.read_csv(csv, low_memory=False)
+    for column in ("image_path", "modality"):
+        if column not in table.columns:
+            raise ConfigError(f"{csv}: required column {column!r} missing (found {list(table.columns)})")
+    base = root / IMAGE_DIR if (root / IMAGE_DIR).is_dir() else root
+    table.index = pd.Index([volume_id(p) for p in table["image_path"].astype(str)], name="id")
+    repeated = table.index.duplicated()
+    images = [_image(base, vid, row) for vid, row in table.iterrows()]
+    duplicates = [img for img, dup in zip(images, repeated, strict=True) if dup]
+    images = [img for img, dup in zip(images, repeated, strict=True) if not dup]
+    table = table[~repeated]
+    order = sorted(range(len(images)), key=lambda i: images[i].id)
+    return Corpus(root, [images[i] for i in order], table.iloc[order], duplicates)
+
+
+def _image(base: Path, vid: str, row: pd.Series) -> SourceImage:
+    def mask(column: str) -> Path | None:
+        value = row.get(column)
+        return base / str(value) if isinstance(value, str) and value.strip() else None
+
+    return SourceImage(
+        id=vid,
+        image=base / str(row["image_path"]),
+        anatomy_mask=mask("anat_mask_path"),
+        deface_mask=mask("anon_mask_path"),
+        modality=str(row["modality"]),
+        **_bids_entities(vid),
+    )
+
+
+def _from_tree(root: Path) -> Corpus:
+    base = root / IMAGE_DIR if (root / IMAGE_DIR).is_dir() else root
+    paths = sorted(
+        p
+        for p in base.rglob("*.nii*")
+        if p.name.endswith((".nii", ".nii.gz"))
+        and p.parent.name.split("_")[0] in _IMAGE_FOLDERS
+        and not any(part.endswith("__Data") for part in p.relative_to(base).parts)
+    )
+    if not paths:
+        raise ConfigError(f"{root}: no {CSV_NAME} and no .nii/.nii.gz images under anat/ or dwi/ folders")
+    images = []
+    for path in paths:
+        vid = volume_id(str(path.relative_to(base)))
+        masks = path.parent / f"{Path(vid).name}__Data"
+        images.append(
+            SourceImage(
+                id=vid,
+                image=path,
+                anatomy_mask=_existing(masks / ANATOMY_MASK),
+                deface_mask=_existing(masks / DEFACE_MASK),
+                modality=Path(vid).name.rsplit("_", 1)[-1],
+                **_bids_entities(vid),
+            )
+        )
+    table = pd.DataFrame(
+        {
+            "image_path": [str(i.image.relative_to(base)) for i in images],
+            "modality": [i.modality for i in images],
+        },
+        index=pd.Index([i.id for i in images], name="id"),
+    )
+    return Corpus(root, images, table, [])
+
+
+def _bids_entities(vid: str) -> dict[str, str | None]:
+    parts = vid.split("/")
+    session = next((p for p in parts[1:-1] if p.startswith("ses-")), None)
+    return {"dataset": parts[0], "subject": parts[1] if len(parts) > 2 else "", "session": session}
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.is_file() else None

@@ -1,0 +1,37 @@
+"""Read and write manifest tables: parquet with the conversion settings in its key-value metadata.
+
+Writes go to a temporary name and are renamed, so a reader never sees half a manifest. The metadata
+(settings, settings hash, formats, and for a query its text and row count) travels with the rows, so a
+sub-manifest written by a query still tells the loader how its stores were made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+META_KEY = b"openmind"
+
+
+def write_table(df: pd.DataFrame, path: str | Path, meta: dict[str, Any]) -> None:
+    path = Path(path)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
+    tmp = path.with_name(path.name + ".partial")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_table(path: str | Path, storage_options: dict[str, Any] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The rows and the project metadata of a manifest (local path or fsspec URL such as s3://...)."""
+    with fsspec.open(str(path), "rb", **(storage_options or {})) as f:
+        table = pq.read_table(f)
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    return table.to_pandas(), json.loads(raw) if raw else {}

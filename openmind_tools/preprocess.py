@@ -1,0 +1,240 @@
+"""Map one NIfTI image (+ its anatomy and deface masks) to stored arrays and a metadata dict.
+
+Defaults follow AMAES/nnssl pretraining practice: RAS, 1 mm isotropic (image linear, masks nearest),
+crop to the anatomy-mask box, clip to the [0.5, 99.5] percentiles and z-score inside the mask, image
+float16 and masks uint8. Arrays are (X, Y, Z) with X toward Right, Y toward Anterior, Z toward Superior,
+and `affine` maps a stored voxel index to scanner RAS millimetres (nibabel's convention).
+
+Gzip is decompressed here, whole, by Python's gzip module so that a truncated or corrupt file is an
+error: SimpleITK's NIfTI reader returns such files silently with garbage voxels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+from openmind_tools.errors import ConfigError, InputError
+from openmind_tools.volume import Volume
+
+_INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
+_LPS = np.diag([-1.0, -1.0, 1.0])  # ITK's physical space is LPS, NIfTI's is RAS
+_AFFINE_TOL = 1e-3  # mm: how far a mask's geometry may drift from its image's
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    spacing: float = 1.0  # mm, isotropic target grid
+    interpolation: str = "linear"  # image resampling; masks always nearest
+    crop: str = "anatomy"  # "anatomy" (falls back to the nonzero box), "nonzero" or "none"
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)  # inside the normalisation region
+    volume_index: int | None = None  # which volume of a true 4D image; None makes 4D an error
+
+    def __post_init__(self) -> None:
+        if self.spacing <= 0:
+            raise ConfigError(f"spacing: expected a positive number of mm, got {self.spacing}")
+        if self.interpolation not in _INTERPOLATORS:
+            raise ConfigError(f"interpolation: expected one of {sorted(_INTERPOLATORS)}, got {self.interpolation!r}")
+        if self.crop not in ("anatomy", "nonzero", "none"):
+            raise ConfigError(f"crop: expected 'anatomy', 'nonzero' or 'none', got {self.crop!r}")
+        lo, hi = self.clip_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ConfigError(f"clip_percentiles: expected 0 <= low < high <= 100, got {self.clip_percentiles}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "clip_percentiles": list(self.clip_percentiles)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessSettings:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown preprocessing setting(s): {sorted(unknown)}")
+        d = dict(d)
+        if "clip_percentiles" in d:
+            d["clip_percentiles"] = tuple(d["clip_percentiles"])
+        return cls(**d)
+
+    def digest(self) -> str:
+        """Short hash recorded in every manifest row; a store is refused by a reader expecting another."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    volume: Volume
+    meta: dict[str, Any]
+
+
+def preprocess(
+    image_path: str | Path,
+    anatomy_path: str | Path | None = None,
+    deface_path: str | Path | None = None,
+    settings: PreprocessSettings = PreprocessSettings(),
+) -> Preprocessed:
+    """Preprocess one image; raises InputError (naming the file) for anything that cannot be converted."""
+    src = load_nifti(image_path, settings.volume_index)
+    data = src.get_fdata(dtype=np.float32)
+    _check_values(data, image_path)
+    masks = {
+        name: _load_mask(path, src, image_path)
+        for name, path in (("anatomy", anatomy_path), ("deface", deface_path))
+        if path is not None
+    }
+
+    ornt = nib.orientations.io_orientation(src.affine)  # to the closest RAS axes, as nibabel's canonical
+    ras_affine = src.affine @ nib.orientations.inv_ornt_aff(ornt, src.shape[:3])
+    data = nib.orientations.apply_orientation(data, ornt)
+    masks = {k: nib.orientations.apply_orientation(m, ornt) for k, m in masks.items()}
+
+    image, affine = _resample(data, ras_affine, settings.spacing, _INTERPOLATORS[settings.interpolation])
+    masks = {
+        k: _resample(m, ras_affine, settings.spacing, sitk.sitkNearestNeighbor)[0].astype(np.uint8)
+        for k, m in masks.items()
+    }
+    anatomy = masks.get("anatomy", np.zeros(image.shape, np.uint8))
+    deface = masks.get("deface", np.zeros(image.shape, np.uint8))
+
+    box = _crop_box(image, anatomy if "anatomy" in masks else None, settings.crop)
+    crop = tuple(slice(lo, hi) for lo, hi in box)
+    image, anatomy, deface = image[crop], anatomy[crop], deface[crop]
+    affine = affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ np.array([lo for lo, _ in box], dtype=np.float64)
+
+    region = anatomy.astype(bool) if anatomy.any() else np.ones(image.shape, bool)
+    image, stats = _normalise(image, region, settings.clip_percentiles)
+
+    meta = {
+        "shape": list(image.shape),
+        "spacing": [settings.spacing] * 3,
+        "affine": affine.round(6).tolist(),
+        "original_shape": list(src.shape[:3]),
+        "original_spacing": [round(float(z), 6) for z in src.header.get_zooms()[:3]],
+        "original_orientation": "".join(nib.aff2axcodes(src.affine)),
+        "original_dtype": str(src.get_data_dtype()),
+        "crop_box": [int(v) for pair in box for v in pair],
+        "norm_region": "anatomy" if anatomy.any() else "crop",
+        **stats,
+        "has_anatomy_mask": "anatomy" in masks,
+        "has_deface_mask": "deface" in masks,
+        "anatomy_fraction": float(anatomy.mean()),
+        "deface_fraction": float(deface.mean()),
+    }
+    return Preprocessed(Volume(image, anatomy, deface), meta)
+
+
+def load_nifti(path: str | Path, volume_index: int | None = None) -> nib.Nifti1Image:
+    """Read a .nii/.nii.gz fully into memory, checking gzip integrity, and reduce it to one 3D volume."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    raw = path.read_bytes()
+    if not raw:
+        raise InputError(f"{path}: zero-byte file")
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise InputError(f"{path}: corrupt or truncated gzip ({e})") from None
+    img = None
+    for cls in (nib.Nifti1Image, nib.Nifti2Image):
+        try:
+            img = cls.from_bytes(raw)
+            break
+        except Exception:  # nibabel raises several types for a header of the other version
+            continue
+    if img is None:
+        raise InputError(f"{path}: not a readable NIfTI-1/2 file")
+    try:
+        img.dataobj[(0,) * len(img.shape)]  # a header promising more bytes than the file holds
+    except Exception as e:
+        raise InputError(f"{path}: truncated or unreadable voxel data ({e})") from None
+    return _to_3d(img, path, volume_index)
+
+
+def _to_3d(img: nib.Nifti1Image, path: Path, volume_index: int | None) -> nib.Nifti1Image:
+    shape = img.shape
+    if len(shape) < 3:
+        raise InputError(f"{path}: expected a 3D image, got shape {shape}")
+    if len(shape) == 3:
+        return img
+    extra = shape[3:]
+    if all(n == 1 for n in extra):
+        return img.slicer[(...,) + (0,) * len(extra)]
+    if volume_index is None:
+        raise InputError(f"{path}: 4D image with shape {shape}; choose a volume with --volume-index")
+    if len(extra) > 1 or not 0 <= volume_index < extra[0]:
+        raise InputError(f"{path}: cannot take volume {volume_index} of an image with shape {shape}")
+    return img.slicer[..., volume_index]
+
+
+def _load_mask(path: str | Path, image: nib.Nifti1Image, image_path: str | Path) -> np.ndarray:
+    mask = load_nifti(path)
+    if mask.shape != image.shape[:3]:
+        raise InputError(f"{path}: mask shape {mask.shape} differs from image {image_path} shape {image.shape[:3]}")
+    if not np.allclose(mask.affine, image.affine, atol=_AFFINE_TOL):
+        raise InputError(f"{path}: mask affine differs from that of image {image_path}")
+    values = mask.get_fdata(dtype=np.float32)
+    _check_values(values, path, allow_constant=True)
+    return (values > 0.5).astype(np.uint8)
+
+
+def _check_values(data: np.ndarray, path: str | Path, allow_constant: bool = False) -> None:
+    bad = data.size - int(np.isfinite(data).sum())
+    if bad:
+        raise InputError(f"{path}: {bad} NaN/Inf voxels")
+    if not allow_constant and data.min() == data.max():
+        raise InputError(f"{path}: image is constant (every voxel is {float(data.flat[0])})")
+
+
+def _resample(
+    data: np.ndarray, affine: np.ndarray, spacing_out: float, interpolator: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample an (X, Y, Z) array on the grid of `affine` to isotropic spacing; returns array and new affine."""
+    spacing_in = np.linalg.norm(affine[:3, :3], axis=0)
+    direction = affine[:3, :3] / spacing_in
+    affine_out = affine.copy()
+    affine_out[:3, :3] = direction * spacing_out
+    if np.allclose(spacing_in, spacing_out, atol=1e-4):
+        return data, affine_out
+    size = [max(1, round(n * s / spacing_out)) for n, s in zip(data.shape, spacing_in, strict=True)]
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    img.SetSpacing(spacing_in.tolist())
+    img.SetOrigin((_LPS @ affine[:3, 3]).tolist())
+    img.SetDirection((_LPS @ direction).ravel().tolist())
+    out = sitk.Resample(
+        img, size, sitk.Transform(), interpolator, img.GetOrigin(), [spacing_out] * 3, img.GetDirection(), 0.0
+    )
+    return sitk.GetArrayFromImage(out).transpose(2, 1, 0), affine_out
+
+
+def _crop_box(image: np.ndarray, anatomy: np.ndarray | None, mode: str) -> list[tuple[int, int]]:
+    if mode == "none":
+        return [(0, n) for n in image.shape]
+    fg = anatomy if mode == "anatomy" and anatomy is not None and anatomy.any() else image != 0
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append((int(hit[0]), int(hit[-1]) + 1))
+    return box
+
+
+def _normalise(
+    image: np.ndarray, region: np.ndarray, percentiles: tuple[float, float]
+) -> tuple[np.ndarray, dict[str, float]]:
+    values = image[region]
+    lo, hi = (float(v) for v in np.percentile(values, percentiles))
+    clipped = np.clip(values, lo, hi)
+    mean, std = float(clipped.mean()), float(clipped.std())
+    out = np.clip(image, lo, hi)
+    out -= mean
+    out /= max(std, 1e-8)
+    return out.astype(np.float16), {"clip_low": lo, "clip_high": hi, "mean": mean, "std": std}

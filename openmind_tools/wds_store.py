@@ -1,0 +1,91 @@
+"""WebDataset layout of converted volumes: the only module that knows the tar member names.
+
+Shard `shards/shard-NNNNNN.tar` holds one sample per volume, keyed by the volume id (slashes kept,
+dots replaced): `<key>.image.npy` (X, Y, Z) float16, `<key>.mask.npy` (X, Y, Z) uint8 mask code (bit 0
+anatomy, bit 1 deface) and `<key>.json` (id, affine, spacing). Members are plain .npy, so
+`webdataset.WebDataset(url).decode()` and `tar tf` read them; they are uncompressed because tar shards
+serve sequential streaming where decode time, not bytes, is scarce. Nothing is unpickled:
+`decode_sample` reads only these three members with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from openmind_tools.errors import StoreError
+from openmind_tools.volume import Volume
+
+MEMBERS = ("image.npy", "mask.npy", "json")
+
+
+def shard_name(index: int) -> str:
+    return f"shards/shard-{index:06d}.tar"
+
+
+def sample_key(volume_id: str) -> str:
+    """webdataset splits a member name at the first dot of its basename, so ids must not contain dots."""
+    return volume_id.replace(".", "_")
+
+
+def write_shard(path: str | Path, samples: Iterable[tuple[str, Volume, dict[str, Any]]]) -> dict[str, int]:
+    """Write a whole shard under a temporary name and rename it; returns bytes per sample key.
+
+    Tar headers are deterministic (mtime 0, uid 0), so a rerun writes the same bytes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tar.partial")
+    sizes: dict[str, int] = {}
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for volume_id, volume, meta in samples:
+            key = sample_key(volume_id)
+            members = (_npy(volume.image), _npy(volume.mask_code()), json.dumps(meta).encode())
+            for ext, payload in zip(MEMBERS, members, strict=True):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mode = len(payload), 0o444
+                tar.addfile(info, io.BytesIO(payload))
+            sizes[key] = sum(len(m) for m in members)
+    os.replace(tmp, path)
+    return sizes
+
+
+def decode_sample(sample: dict[str, Any]) -> tuple[str, Volume, dict[str, Any]]:
+    """Decode a raw webdataset sample (bytes per member) into (volume id, volume, json metadata)."""
+    missing = [m for m in MEMBERS if m not in sample]
+    if missing:
+        raise StoreError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}: missing members {missing}")
+    meta = json.loads(sample["json"])
+    return meta["id"], Volume.from_code(_load_npy(sample["image.npy"]), _load_npy(sample["mask.npy"])), meta
+
+
+def iter_shard(path: str | Path) -> Iterator[tuple[str, Volume, dict[str, Any]]]:
+    """Read every sample of a local shard with tarfile alone (verify and tests; the loader uses webdataset)."""
+    sample: dict[str, Any] = {}
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            if sample and key != sample["__key__"]:
+                yield decode_sample(sample)
+                sample = {}
+            sample["__key__"], sample["__url__"] = key, str(path)
+            sample[ext] = tar.extractfile(info).read()
+    if sample:
+        yield decode_sample(sample)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _load_npy(payload: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(payload), allow_pickle=False)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One command for a new machine: create .venv (CPU torch unless one is already there), install the
+# project with its console scripts, then run the demo end to end (demo corpus -> convert -> query).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip -q "$@"; }
+pip install --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  # The CPU build; set TORCH_SPEC (e.g. "torch==2.13.0") on a CUDA machine.
+  pip install "${TORCH_SPEC:-torch==2.13.0+cpu}"
+fi
+pip install --no-deps "dynamic-network-architectures>=0.4"
+pip install -e ".[test,bench]"
+[ "${1:-}" = "--no-demo" ] && exit 0
+
+demo=${DEMO_DIR:-demo}
+.venv/bin/openmind-convert demo-data "$demo/corpus"
+.venv/bin/openmind-convert "$demo/corpus" "$demo/store" --format zarr,wds --workers 2
+.venv/bin/openmind-manifest stats "$demo/store/manifest.parquet"
+echo "demo outputs are under $demo/"

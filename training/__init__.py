@@ -1,0 +1,1 @@
+"""VoCo -> MAE pretraining of ResEnc-L from openmind-tools stores."""
