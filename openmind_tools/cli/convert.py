@@ -156,3 +156,7 @@ def _demo(args: argparse.Namespace) -> int:
     root = write_demo_corpus(args.dir, seed=args.seed)
     print(f"demo corpus written to {root}")
     return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

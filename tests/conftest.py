@@ -1,0 +1,23 @@
+"""Session fixtures: the demo corpus and its conversion, built once from the real MRI nilearn ships."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from openmind_tools.convert import convert
+from openmind_tools.demo import write_demo_corpus
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_corpus(tmp_path_factory.mktemp("demo") / "corpus")
+
+
+@pytest.fixture(scope="session")
+def demo_out(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo corpus converted into both stores (treat as read-only: tests share it)."""
+    out = tmp_path_factory.mktemp("demo_out") / "out"
+    convert(demo_corpus, out, formats=("zarr", "wds"), progress=False)
+    return out

@@ -1,0 +1,289 @@
+"""openmind-convert on real NIfTI: the demo corpus, hostile inputs, kill -9 + resume, verify, dask."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+from scipy import ndimage
+
+from openmind_tools import zarr_store
+from openmind_tools.cli.convert import EXIT_FAILURES, main
+from openmind_tools.convert import JOURNAL, convert
+from openmind_tools.corpus import CSV_NAME, discover
+from openmind_tools.demo import CSV_COLUMNS
+from openmind_tools.errors import ConfigError
+from openmind_tools.manifest_io import read_table
+from openmind_tools.verify import verify
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+def test_demo_manifest_has_every_csv_column_and_one_row_per_image(demo_corpus: Path, demo_out: Path) -> None:
+    source = pd.read_csv(demo_corpus / CSV_NAME)
+    manifest, meta = read_table(demo_out / "manifest.parquet")
+    assert len(manifest) == len(source) == 19
+    assert set(source.columns) <= set(manifest.columns)
+    assert manifest["id"].is_unique
+    assert sorted(manifest["image_path"]) == sorted(source["image_path"])
+    assert read_table(demo_out / "errors.parquet")[0].empty
+    assert meta["formats"] == ["zarr", "wds"] and set(manifest["settings_hash"]) == {meta["settings_hash"]}
+    # CSV values carried unchanged in meaning
+    merged = manifest.merge(source, on="image_path", suffixes=("", "_src"))
+    for column in ("modality", "image_quality_score", "sex", "magnetic_field_strength"):
+        assert (merged[column] == merged[f"{column}_src"]).all(), column
+
+
+def test_stored_geometry_and_intensities_match_the_source(demo_corpus: Path, demo_out: Path) -> None:
+    manifest, _ = read_table(demo_out / "manifest.parquet")
+    for row in manifest[manifest["has_anatomy_mask"]].itertuples():
+        src = nib.load(demo_corpus / "OpenMind" / row.image_path)
+        mask = nib.load(demo_corpus / "OpenMind" / row.anat_mask_path)
+        volume = zarr_store.read_volume(str(demo_out / row.zarr_store), row.id, tuple(row.shape))
+        assert volume.image.shape == tuple(row.shape)
+        assert list(row.original_shape) == list(src.shape)
+        assert row.original_orientation == "".join(nib.aff2axcodes(src.affine))
+        affine = np.asarray([list(r) for r in row.affine])
+        assert "".join(nib.aff2axcodes(affine)) == "RAS"
+        assert np.allclose(np.linalg.norm(affine[:3, :3], axis=0), 1.0)
+        # the anatomy's centre of mass lands on the same scanner point (independent nibabel computation)
+        src_com = nib.affines.apply_affine(mask.affine, ndimage.center_of_mass(np.asarray(mask.dataobj) > 0))
+        out_com = nib.affines.apply_affine(affine, ndimage.center_of_mass(volume.anatomy))
+        assert np.linalg.norm(src_com - out_com) < 1.5, row.id
+        inside = volume.image[volume.anatomy.astype(bool)].astype(np.float64)
+        assert abs(inside.mean()) < 0.05 and abs(inside.std() - 1) < 0.05, row.id
+        assert row.anatomy_fraction == pytest.approx(volume.anatomy.mean())
+
+
+def test_orientation_does_not_change_the_stored_arrays(tmp_path: Path) -> None:
+    from openmind_tools.preprocess import preprocess
+
+    img = nib.load(NIBABEL_DATA / "anatomical.nii")
+    outputs = []
+    for codes in ("LAS", "RAS", "LPS", "PIR"):
+        ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine), nib.orientations.axcodes2ornt(codes))
+        path = tmp_path / f"{codes}.nii.gz"
+        nib.save(img.as_reoriented(ornt), path)
+        outputs.append(preprocess(path))
+    for other in outputs[1:]:
+        np.testing.assert_array_equal(other.volume.image, outputs[0].volume.image)
+        np.testing.assert_allclose(other.meta["affine"], outputs[0].meta["affine"], atol=1e-4)
+
+
+def test_anisotropic_images_are_resampled_to_1mm(demo_out: Path) -> None:
+    manifest, _ = read_table(demo_out / "manifest.parquet")
+    row = manifest.set_index("modality").loc["inplaneT1"]
+    assert list(row["original_spacing"]) == [1.0, 1.0, 3.0]
+    assert list(row["spacing"]) == [1.0, 1.0, 1.0]
+    mni = manifest[manifest["modality"] == "T1w"].iloc[0]
+    assert abs(row["shape"][2] - mni["shape"][2]) <= 3  # same head, same extent along z
+
+
+# webdataset's own tar reader leaves its file for the garbage collector to close
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_both_stores_are_readable_with_plain_libraries(demo_out: Path) -> None:
+    manifest, _ = read_table(demo_out / "manifest.parquet")
+    row = next(manifest.itertuples())
+    plain = zarr_store.open_volume(demo_out / row.zarr_store, row.id)[:]
+    ours = zarr_store.read_volume(str(demo_out / row.zarr_store), row.id, tuple(row.shape))
+    np.testing.assert_array_equal(plain[0], ours.image)
+    shard = demo_out / row.wds_shard
+    listing = subprocess.run(["tar", "tf", str(shard)], capture_output=True, text=True, check=True).stdout.split()
+    assert f"{row.wds_key}.image.npy" in listing and f"{row.wds_key}.json" in listing
+    samples = {s["__key__"]: s for s in wds.WebDataset(str(shard), shardshuffle=False).decode()}
+    sample = samples[row.wds_key]
+    np.testing.assert_array_equal(sample["image.npy"], ours.image)
+    assert json.loads(json.dumps(sample["json"]))["id"] == row.id
+    assert set(samples) == set(manifest.loc[manifest["wds_shard"] == row.wds_shard, "wds_key"])
+
+
+def _hostile_corpus(root: Path) -> dict[str, str]:
+    """A CSV-driven corpus with one good image and one of every bad kind; returns id -> expected reason."""
+    anat = nib.load(NIBABEL_DATA / "anatomical.nii")
+    data = np.asanyarray(anat.dataobj).astype(np.float32)
+    base = root / "OpenMind" / "ds000999" / "sub-01" / "anat"
+    base.mkdir(parents=True)
+    rows, expected = [], {}
+
+    def add(name: str, reason: str | None, anat_mask: str = "") -> Path:
+        rows.append({"image_path": f"ds000999/sub-01/anat/{name}", "modality": "T1w", "anat_mask_path": anat_mask})
+        if reason:
+            expected[f"ds000999/sub-01/anat/{name}".removesuffix(".gz").removesuffix(".nii")] = reason
+        return base / name
+
+    nib.save(nib.Nifti1Image(data, anat.affine), add("sub-01_good_T1w.nii.gz", None))
+    gz = (base / "sub-01_good_T1w.nii.gz").read_bytes()
+    add("sub-01_truncated_T1w.nii.gz", "corrupt or truncated gzip").write_bytes(gz[: len(gz) // 2])
+    flipped = bytearray(gz)
+    flipped[len(gz) // 2] ^= 0xFF
+    add("sub-01_flipped_T1w.nii.gz", "corrupt or truncated gzip").write_bytes(bytes(flipped))
+    add("sub-01_empty_T1w.nii.gz", "zero-byte file").write_bytes(b"")
+    add("sub-01_missing_T1w.nii.gz", "file not found")
+    nan = data.copy()
+    nan[5, 5, 5], nan[6, 6, 6] = np.nan, np.inf
+    nib.save(nib.Nifti1Image(nan, anat.affine), add("sub-01_nan_T1w.nii.gz", "2 NaN/Inf voxels"))
+    nib.save(nib.Nifti1Image(np.zeros_like(data), anat.affine), add("sub-01_zeros_T1w.nii.gz", "constant"))
+    shutil.copy(NIBABEL_DATA / "example4d.nii.gz", add("sub-01_4d_T1w.nii.gz", "4D image"))
+    nib.save(nib.Nifti1Image(data[..., None], anat.affine), add("sub-01_singleton_T1w.nii.gz", None))
+    nib.save(nib.Nifti1Image((data > 0).astype(np.uint8)[:-1], anat.affine), base / "small_mask.nii.gz")
+    add("sub-01_maskshape_T1w.nii.gz", "mask shape", "ds000999/sub-01/anat/small_mask.nii.gz")
+    nib.save(nib.Nifti1Image(data, anat.affine), base / "sub-01_maskshape_T1w.nii.gz")
+    shifted = anat.affine.copy()
+    shifted[0, 3] += 10
+    nib.save(nib.Nifti1Image((data > 0).astype(np.uint8), shifted), base / "shifted_mask.nii.gz")
+    add("sub-01_maskaffine_T1w.nii.gz", "mask affine", "ds000999/sub-01/anat/shifted_mask.nii.gz")
+    nib.save(nib.Nifti1Image(data, anat.affine), base / "sub-01_maskaffine_T1w.nii.gz")
+    with (root / CSV_NAME).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_path", "modality", "anat_mask_path"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return expected
+
+
+def test_bad_inputs_become_error_rows_and_never_stop_the_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    expected = _hostile_corpus(tmp_path / "corpus")
+    code = main([str(tmp_path / "corpus"), str(tmp_path / "out"), "--workers", "0", "--quiet"])
+    assert code == EXIT_FAILURES
+    summary = capsys.readouterr().out
+    assert f"{len(expected)} failed" in summary and "errors.parquet" in summary
+    errors = pd.read_parquet(tmp_path / "out" / "errors.parquet").set_index("id")
+    assert sorted(errors.index) == sorted(expected)
+    for volume_id, reason in expected.items():
+        assert reason in errors.loc[volume_id, "reason"], (volume_id, errors.loc[volume_id, "reason"])
+        assert errors.loc[volume_id, "source_path"].endswith(volume_id.split("/")[-1] + ".nii.gz")
+    converted = pd.read_parquet(tmp_path / "out" / "manifest.parquet")["id"].str.split("/").str[-1]
+    assert sorted(converted) == ["sub-01_good_T1w", "sub-01_singleton_T1w"]
+
+
+def test_true_4d_converts_when_a_volume_is_chosen(tmp_path: Path) -> None:
+    from openmind_tools.preprocess import PreprocessSettings, preprocess
+
+    path = NIBABEL_DATA / "example4d.nii.gz"
+    out = preprocess(path, settings=PreprocessSettings(volume_index=1))
+    source = np.asanyarray(nib.load(path).dataobj)[..., 1]
+    assert out.meta["original_shape"] == list(source.shape)
+
+
+def test_killed_conversion_resumes_to_the_same_manifest(demo_corpus: Path, demo_out: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "openmind_tools.cli.convert", str(demo_corpus), str(out), "--workers", "0", "--quiet"]
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            journal = out / JOURNAL
+            if journal.is_file() and len(journal.read_text().splitlines()) >= 5:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "conversion ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    assert not (out / "manifest.parquet").exists()
+    partial = len((out / JOURNAL).read_text().splitlines())
+    assert 5 <= partial < 19
+
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    resumed, _ = read_table(out / "manifest.parquet")
+    reference, _ = read_table(demo_out / "manifest.parquet")
+    pd.testing.assert_frame_equal(resumed, reference)
+    assert not any((out / "store.zarr" / ".tmp").glob("*"))
+    assert verify(out, progress=False) == []
+
+
+def test_rerunning_a_finished_conversion_does_nothing(demo_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = convert(demo_corpus, out, limit=3, progress=False)
+    chunk = out / "store.zarr" / zarr_store.array_path(discover(demo_corpus).images[0].id) / zarr_store.CHUNK_KEY
+    mtime = chunk.stat().st_mtime_ns
+    second = convert(demo_corpus, out, limit=3, progress=False)
+    assert (first.converted, second.converted, second.skipped) == (3, 3, 3)
+    assert chunk.stat().st_mtime_ns == mtime
+
+
+def test_other_settings_into_the_same_folder_are_refused(demo_corpus: Path, tmp_path: Path) -> None:
+    from openmind_tools.preprocess import PreprocessSettings
+
+    convert(demo_corpus, tmp_path / "out", limit=1, progress=False)
+    with pytest.raises(ConfigError, match="use another output folder"):
+        convert(demo_corpus, tmp_path / "out", PreprocessSettings(spacing=2.0), limit=1, progress=False)
+
+
+def test_verify_catches_a_single_flipped_byte(demo_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(demo_corpus, out, formats=("zarr", "wds"), limit=3, progress=False)
+    assert verify(out, progress=False) == []
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    victim = manifest.iloc[1]
+    chunk = out / "store.zarr" / victim["zarr_array"] / zarr_store.CHUNK_KEY
+    shard = out / victim["wds_shard"]
+    for path in (chunk, shard):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    problems = verify(out, progress=False)
+    assert any(str(chunk.parent.parent) in p or victim["id"] in p and "store.zarr" in p for p in problems)
+    assert any(str(shard) in p for p in problems)
+    assert main(["verify", str(out), "--quiet"]) == EXIT_FAILURES
+
+
+def test_dask_local_cluster_with_two_workers_matches_a_serial_run(demo_corpus: Path, demo_out: Path, tmp_path: Path):
+    from dask.distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        summary = convert(
+            demo_corpus, tmp_path / "out", formats=("zarr", "wds"), limit=6, client=client, progress=False
+        )
+        workers = len(client.scheduler_info()["workers"])
+    assert workers == 2 and summary.converted == 6
+    parallel = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("id")
+    serial = pd.read_parquet(demo_out / "manifest.parquet").set_index("id").loc[parallel.index]
+    assert (parallel["checksum"] == serial["checksum"]).all()
+    assert verify(tmp_path / "out", progress=False) == []
+
+
+def test_plain_bids_tree_without_csv(demo_corpus: Path, tmp_path: Path) -> None:
+    shutil.copytree(demo_corpus / "OpenMind" / "ds000101", tmp_path / "bids" / "ds000101")
+    corpus = discover(tmp_path / "bids")
+    assert len(corpus.images) == 7
+    flair = next(i for i in corpus.images if i.id.endswith("ses-1_FLAIR"))
+    assert flair.modality == "FLAIR" and flair.session == "ses-1"
+    assert flair.anatomy_mask.name == "fb_mask.nii.gz" and flair.deface_mask.name == "deface_mask.nii.gz"
+    summary = convert(tmp_path / "bids", tmp_path / "out", limit=2, progress=False)
+    assert summary.converted == 2
+
+
+def test_modality_filter_accepts_the_recipe_spelling(demo_corpus: Path) -> None:
+    corpus = discover(demo_corpus, modalities=["inplainT1", "T2w"])
+    assert sorted(i.modality for i in corpus.images) == ["T2w", "inplaneT1"]
+    with pytest.raises(ConfigError, match="modalities present"):
+        discover(demo_corpus, modalities=["T3w"])
+
+
+def test_dry_run_writes_nothing(demo_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([str(demo_corpus), str(tmp_path / "out"), "--dry-run", "--limit", "4"]) == 0
+    assert "4 images would be converted" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_gzip_check_covers_the_whole_stream(tmp_path: Path) -> None:
+    """A gzip whose CRC does not match is refused even when its deflate stream decodes."""
+    from openmind_tools.errors import InputError
+    from openmind_tools.preprocess import load_nifti
+
+    raw = gzip.compress((NIBABEL_DATA / "anatomical.nii").read_bytes())
+    bad = bytearray(raw)
+    bad[-8] ^= 0xFF  # the CRC32 trailer
+    (tmp_path / "crc.nii.gz").write_bytes(bytes(bad))
+    with pytest.raises(InputError, match="corrupt or truncated gzip"):
+        load_nifti(tmp_path / "crc.nii.gz")
