@@ -93,24 +93,29 @@ def preprocess(
     ornt = nib.orientations.io_orientation(src.affine)  # to the closest RAS axes, as nibabel's canonical
     ras_affine = src.affine @ nib.orientations.inv_ornt_aff(ornt, src.shape[:3])
     data = nib.orientations.apply_orientation(data, ornt)
-    masks = {k: nib.orientations.apply_orientation(m, ornt) for k, m in masks.items()}
+    code = masks.get("anatomy", np.uint8(0)) | (masks.get("deface", np.uint8(0)) << 1)  # one nearest resample
+    code = nib.orientations.apply_orientation(np.broadcast_to(code, data.shape).astype(np.uint8), ornt)
 
-    image, affine = _resample(data, ras_affine, settings.spacing, _INTERPOLATORS[settings.interpolation])
-    masks = {
-        k: _resample(m, ras_affine, settings.spacing, sitk.sitkNearestNeighbor)[0].astype(np.uint8)
-        for k, m in masks.items()
-    }
-    anatomy = masks.get("anatomy", np.zeros(image.shape, np.uint8))
-    deface = masks.get("deface", np.zeros(image.shape, np.uint8))
+    # Crop before resampling: only the box around the anatomy (or the nonzero voxels) is resampled.
+    by_anatomy = settings.crop == "anatomy" and bool((code & 1).any())
 
-    box = _crop_box(image, anatomy if "anatomy" in masks else None, settings.crop)
+    def foreground(image: np.ndarray, code: np.ndarray) -> np.ndarray | None:
+        if settings.crop == "none":
+            return None
+        return (code & 1).astype(bool) if by_anatomy else image != 0
+
+    region = _output_region(foreground(data, code), data.shape, ras_affine, settings.spacing)
+    image, affine = _resample(data, ras_affine, settings.spacing, _INTERPOLATORS[settings.interpolation], region)
+    code = _resample(code, ras_affine, settings.spacing, sitk.sitkNearestNeighbor, region)[0]
+    box = _bbox(foreground(image, code), image.shape)
     crop = tuple(slice(lo, hi) for lo, hi in box)
-    image, anatomy, deface = image[crop], anatomy[crop], deface[crop]
-    affine = affine.copy()
+    image, code = image[crop], code[crop]
     affine[:3, 3] += affine[:3, :3] @ np.array([lo for lo, _ in box], dtype=np.float64)
+    box = [(r0 + lo, r0 + hi) for (r0, _), (lo, hi) in zip(region, box, strict=True)]
+    anatomy, deface = code & 1, (code >> 1) & 1
 
-    region = anatomy.astype(bool) if anatomy.any() else np.ones(image.shape, bool)
-    image, stats = _normalise(image, region, settings.clip_percentiles)
+    inside = anatomy.astype(bool) if anatomy.any() else np.ones(image.shape, bool)
+    image, stats = _normalise(image, inside, settings.clip_percentiles)
 
     meta = {
         "shape": list(image.shape),
@@ -195,34 +200,47 @@ def _check_values(data: np.ndarray, path: str | Path, allow_constant: bool = Fal
         raise InputError(f"{path}: image is constant (every voxel is {float(data.flat[0])})")
 
 
+def _output_region(
+    foreground: np.ndarray | None, shape: tuple[int, ...], affine: np.ndarray, spacing_out: float
+) -> list[tuple[int, int]]:
+    """The part of the isotropic output grid that can hold foreground, with room for the interpolation kernel."""
+    spacing_in = np.linalg.norm(affine[:3, :3], axis=0)
+    size_out = [max(1, round(n * s / spacing_out)) for n, s in zip(shape, spacing_in, strict=True)]
+    margin = 2  # native voxels: the reach of the B-spline kernel
+    return [
+        (max(0, int(np.floor((lo - margin) * s / spacing_out))), min(n, int(np.ceil((hi + margin) * s / spacing_out))))
+        for (lo, hi), s, n in zip(_bbox(foreground, shape), spacing_in, size_out, strict=True)
+    ]
+
+
 def _resample(
-    data: np.ndarray, affine: np.ndarray, spacing_out: float, interpolator: int
+    data: np.ndarray, affine: np.ndarray, spacing_out: float, interpolator: int, region: list[tuple[int, int]]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Resample an (X, Y, Z) array on the grid of `affine` to isotropic spacing; returns array and new affine."""
+    """Resample `region` of the isotropic output grid from an (X, Y, Z) array on `affine`'s grid."""
     spacing_in = np.linalg.norm(affine[:3, :3], axis=0)
     direction = affine[:3, :3] / spacing_in
     affine_out = affine.copy()
     affine_out[:3, :3] = direction * spacing_out
+    affine_out[:3, 3] += affine_out[:3, :3] @ np.array([lo for lo, _ in region], dtype=np.float64)
     if np.allclose(spacing_in, spacing_out, atol=1e-4):
-        return data, affine_out
-    size = [max(1, round(n * s / spacing_out)) for n, s in zip(data.shape, spacing_in, strict=True)]
+        return data[tuple(slice(lo, hi) for lo, hi in region)], affine_out
     img = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
     img.SetSpacing(spacing_in.tolist())
     img.SetOrigin((_LPS @ affine[:3, 3]).tolist())
     img.SetDirection((_LPS @ direction).ravel().tolist())
-    out = sitk.Resample(
-        img, size, sitk.Transform(), interpolator, img.GetOrigin(), [spacing_out] * 3, img.GetDirection(), 0.0
-    )
+    size = [hi - lo for lo, hi in region]
+    origin = (_LPS @ affine_out[:3, 3]).tolist()
+    out = sitk.Resample(img, size, sitk.Transform(), interpolator, origin, [spacing_out] * 3, img.GetDirection(), 0)
     return sitk.GetArrayFromImage(out).transpose(2, 1, 0), affine_out
 
 
-def _crop_box(image: np.ndarray, anatomy: np.ndarray | None, mode: str) -> list[tuple[int, int]]:
-    if mode == "none":
-        return [(0, n) for n in image.shape]
-    fg = anatomy if mode == "anatomy" and anatomy is not None and anatomy.any() else image != 0
+def _bbox(mask: np.ndarray | None, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Per-axis [lo, hi) of the true voxels; the whole shape when there are none (or no mask)."""
+    if mask is None or not mask.any():
+        return [(0, n) for n in shape]
     box = []
     for axis in range(3):
-        hit = np.flatnonzero(fg.any(axis=tuple(a for a in range(3) if a != axis)))
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
         box.append((int(hit[0]), int(hit[-1]) + 1))
     return box
 
