@@ -1,0 +1,78 @@
+"""`openmind-train`: run a recipe (VoCo -> MAE), resume it, or export its encoder for nnU-Net.
+
+openmind-train training/configs/demo.toml [--run.out=runs/x] [--stages.mae.max_steps=10]
+torchrun --nproc_per_node 8 -m training training/configs/voco_then_mae.toml
+openmind-train CONFIG --resume runs/NAME
+openmind-train export runs/NAME -o encoder.pt [--stage mae]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from openmind_tools.errors import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "export":
+            return _export(argv[1:])
+        return _train(argv)
+    except ConfigError as e:
+        print(f"openmind-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="openmind-train",
+        description="Pretrain ResEnc with the stages of a TOML recipe (VoCo, then MAE) from openmind-convert "
+        "stores. Run under torchrun for several GPUs/nodes. Extra --run.KEY=VALUE / --stages.NAME.KEY=VALUE "
+        "arguments override the recipe. Subcommand: 'openmind-train export RUN -o encoder.pt'.",
+    )
+    p.add_argument("config", help="recipe, e.g. training/configs/demo.toml")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN exactly where it stopped")
+    args, overrides = p.parse_known_args(argv)
+    from training.config import load_config
+    from training.train import train
+
+    if args.resume:
+        overrides.append(f"--run.out={json.dumps(args.resume)}")
+    cfg = load_config(args.config, overrides)
+    out = train(cfg, resume=bool(args.resume))
+    print(f"run folder: {out} (per-stage *_log.csv, *_loss.png, *_encoder.pt for nnU-Net ResEnc fine-tuning)")
+    return 0
+
+
+def _export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="openmind-train export",
+        description="Write a stage's weights with the nnssl adaptation plan nnU-Net's ResEnc-L fine-tuning loads; "
+        "the weights are checked by a strict load into a fresh network before anything is written.",
+    )
+    p.add_argument("run", help="run folder written by openmind-train")
+    p.add_argument("-o", "--output", required=True, help="file to write, e.g. encoder.pt")
+    p.add_argument("--stage", help="stage to export (default: the last one)")
+    args = p.parse_args(argv)
+    import torch
+
+    from training.model import PRESETS, export_encoder, nnssl_pretrain_plan
+
+    cfg = json.loads((Path(args.run) / "config.json").read_text())
+    stages = {s["name"]: s for s in cfg["stages"]}
+    name = args.stage or cfg["stages"][-1]["name"]
+    if name not in stages:
+        raise ConfigError(f"--stage: {name!r} is not one of {list(stages)}")
+    weights = Path(args.run) / f"{name}_final.pt"
+    if not weights.is_file():
+        raise ConfigError(f"{weights}: stage {name!r} has not finished in {args.run}")
+    net = PRESETS[cfg["model"]]()
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    plan = nnssl_pretrain_plan(patch_size=(stages[name]["out_size"],) * 3)
+    path = export_encoder(net, cfg["model"], args.output, plan)
+    print(f"exported {name} weights of {cfg['model']} to {path}")
+    return 0

@@ -1,0 +1,138 @@
+"""Run and stage settings, read from a TOML recipe and `--key=value` overrides.
+
+A recipe is `[run]` plus one `[[stages]]` table per stage (VoCo, then MAE); each stage names its data
+as a manifest query (manifest + preset/min_quality). Overrides address `run.KEY` or `stages.NAME.KEY`.
+An unknown key or a value of the wrong type is an error naming it, raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from openmind_tools.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str
+    objective: str  # "voco" | "mae"
+    manifest: str  # a manifest path/URL, or a query such as "mae8 of out/manifest.parquet"
+    preset: str | None = None  # a named selection in manifests/ (mae8, all, ...)
+    min_quality: int | None = None  # image_quality_score <= this (1 best .. 5 worst)
+    store: str = "zarr"  # "zarr" | "wds"
+    epochs: int = 1
+    max_steps: int | None = None  # stop the stage early (demo, tests)
+    batch_size: int = 2  # per rank
+    patch_size: int = 160  # crop read from the store; augmentation warps it to out_size
+    out_size: int = 160  # network input: the VoCo region or the MAE patch
+    crops_per_volume: int = 1
+    foreground_bias: float = 0.9  # probability a crop is centred in the anatomy mask
+    num_workers: int = 2
+    optimizer: str = "sgd"  # "sgd" (nesterov, momentum 0.99 as nnU-Net/nnssl) | "adamw"
+    lr: float = 1e-2
+    weight_decay: float = 3e-5
+    warmup_steps: int = 0
+    grad_clip: float = 12.0  # nnU-Net's clip norm
+    init_from: str | None = None  # name of an earlier stage whose encoder weights start this one
+    voco_momentum: float = 0.9  # EMA teacher momentum (VoCo v2)
+    voco_head_dim: int = 2048
+    mask_ratio: float = 0.75  # MAE: share of cubic blocks zeroed
+    block_size: int = 16  # MAE: block edge in voxels
+    augment: dict[str, Any] = field(default_factory=dict)  # openmind_tools.augment.AugmentSettings overrides
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("voco", "mae"):
+            raise ConfigError(f"stages.{self.name}.objective: expected 'voco' or 'mae', got {self.objective!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"stages.{self.name}.optimizer: expected 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.out_size > self.patch_size:
+            raise ConfigError(f"stages.{self.name}: out_size {self.out_size} exceeds patch_size {self.patch_size}")
+        if self.objective == "mae" and self.out_size % self.block_size:
+            raise ConfigError(
+                f"stages.{self.name}: out_size {self.out_size} is not a multiple of block_size {self.block_size}"
+            )
+        if self.objective == "voco" and self.out_size % 2:
+            raise ConfigError(f"stages.{self.name}: out_size {self.out_size} must be even (2x2x2 base crops)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = "runs/demo"  # run folder: checkpoints, log.csv, loss plots, exported encoders
+    model: str = "resenc_tiny"  # training.model.PRESETS: resenc_l (the recipe) or resenc_tiny (CPU)
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda when available
+    compile: bool = False  # torch.compile the objective
+    log_every: int = 10  # steps between log lines
+    checkpoint_every: int = 200  # steps between checkpoints (one is also written at each stage end)
+    stages: tuple[StageConfig, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Recipe file first, then `--run.key=value` / `--stages.NAME.key=value` overrides."""
+    with Path(path).open("rb") as f:
+        raw = tomllib.load(f)
+    unknown = set(raw) - {"run", "stages"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; expected [run] and [[stages]]")
+    run = dict(raw.get("run", {}))
+    stages = {s.get("name", f"stage{i}"): dict(s) for i, s in enumerate(raw.get("stages", []))}
+    for item in overrides or []:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected --key=value")
+        parts = key.split(".")
+        if parts[0] == "run" and len(parts) == 2:
+            run[parts[1]] = _parse(value)
+        elif parts[0] == "stages" and len(parts) == 3 and parts[1] in stages:
+            stages[parts[1]][parts[2]] = _parse(value)
+        else:
+            raise ConfigError(f"override {item!r}: expected run.KEY or stages.NAME.KEY with NAME in {list(stages)}")
+    built = tuple(_build(StageConfig, s, f"stages.{name}") for name, s in stages.items())
+    if not built:
+        raise ConfigError(f"{path}: no [[stages]]")
+    names = [s.name for s in built]
+    for i, stage in enumerate(built):
+        if stage.init_from is not None and stage.init_from not in names[:i]:
+            raise ConfigError(f"stages.{stage.name}.init_from: {stage.init_from!r} is not an earlier stage {names[:i]}")
+    return _build(RunConfig, {**run, "stages": built}, "run")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key != "stages" and not _fits(value, hints[key]):
+            raise ConfigError(f"{where}.{key}: expected {hints[key]}, got {value!r}")
+    return cls(**{k: (float(v) if hints[k] is float and isinstance(v, int) else v) for k, v in values.items()})
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(hint) or hint
+    return isinstance(value, origin)
+
+
+def _parse(text: str) -> Any:
+    """An override value as TOML would read it (numbers, booleans, quoted or bare strings)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text

@@ -1,0 +1,247 @@
+"""The training loop: VoCo then MAE on ResEnc, from the stores, under torchrun. Read top to bottom.
+
+config -> distributed init (torchrun env; nccl on GPU, gloo on CPU) -> per stage: model, objective,
+optimizer, schedule, loader, GPU augmentation -> resume -> loop -> checkpoint, export, loss plot.
+VoCo and MAE are two loss modules with one call shape (training.voco / training.mae), so one loop runs
+both. A checkpoint holds model, optimizer, scheduler, augmentation and loader state, step and RNGs, and
+is written atomically; `resume=True` continues as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from openmind_tools.augment import AugmentSettings, GPUAugment
+from openmind_tools.errors import ConfigError
+from openmind_tools.loader import PatchDataset, make_loader
+from training.config import RunConfig, StageConfig
+from training.mae import MAELoss
+from training.model import PRESETS, export_encoder, nnssl_pretrain_plan
+from training.voco import VoCoLoss
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def train(cfg: RunConfig, resume: bool = False) -> Path:
+    """Run every stage of `cfg`; returns the run folder."""
+    ddp = "RANK" in os.environ
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if ddp:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    master = rank == 0
+    out = Path(cfg.out)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+    state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True) if resume else None
+    if resume and state is None:
+        raise ConfigError(f"{out / CHECKPOINT}: nothing to resume")
+    try:
+        for index, stage in enumerate(cfg.stages):
+            if state is not None and index < state["stage"]:
+                continue
+            stage_state = state if state is not None and index == state["stage"] else None
+            _run_stage(cfg, index, stage, stage_state, device, rank, world, master, out)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+    return out
+
+
+def _run_stage(
+    cfg: RunConfig,
+    index: int,
+    stage: StageConfig,
+    state: dict[str, Any] | None,
+    device: torch.device,
+    rank: int,
+    world: int,
+    master: bool,
+    out: Path,
+) -> None:
+    torch.manual_seed(cfg.seed + 1000 * index + rank)
+    # data (a stage that selects nothing fails here, before the model is built)
+    dataset = PatchDataset(
+        stage.manifest,
+        stage.patch_size,
+        store=stage.store,
+        crops_per_volume=stage.crops_per_volume,
+        foreground_bias=stage.foreground_bias,
+        seed=cfg.seed + index,
+        **{k: v for k, v in (("preset", stage.preset), ("min_quality", stage.min_quality)) if v is not None},
+    )
+    loader = make_loader(dataset, stage.batch_size, num_workers=stage.num_workers, device=device)
+    total_steps = stage.epochs * len(loader)
+    total_steps = min(total_steps, stage.max_steps) if stage.max_steps else total_steps
+    augment = GPUAugment(AugmentSettings(**{"out_size": stage.out_size, "seed": cfg.seed + 7919 * rank,
+                                            **stage.augment}))  # fmt: skip
+    generator = torch.Generator().manual_seed(cfg.seed + 104729 * rank + index)
+
+    # model and objective
+    net = PRESETS[cfg.model]()
+    if stage.init_from is not None:
+        start = torch.load(out / f"{stage.init_from}_final.pt", map_location="cpu", weights_only=True)
+        encoder = {k.removeprefix("encoder."): v for k, v in start.items() if k.startswith("encoder.")}
+        net.encoder.load_state_dict(encoder, strict=True)
+    if stage.objective == "voco":
+        objective = VoCoLoss(net, momentum=stage.voco_momentum, hidden_dim=stage.voco_head_dim,
+                             out_dim=stage.voco_head_dim)  # fmt: skip
+    else:
+        objective = MAELoss(net, mask_ratio=stage.mask_ratio, block_size=stage.block_size)
+    objective.to(device)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    if stage.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=0.99, nesterov=True, weight_decay=stage.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _poly_with_warmup(stage.warmup_steps, total_steps))
+    model = DDP(objective) if world > 1 else objective
+    model = torch.compile(model) if cfg.compile else model
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )  # bf16 needs no loss scaler
+
+    # resume
+    step = 0
+    if state is not None:
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        augment.load_state_dict(state["augment"][rank])
+        loader.load_state_dict(state["loader"][rank])
+        generator.set_state(state["generator"][rank])
+        torch.set_rng_state(state["torch_rng"][rank])
+        step = state["step"]
+
+    # loop
+    log = _Log(out / f"{stage.name}_log.csv", stage.name) if master else None
+    bar = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not master, unit="step")
+    wait = busy = 0.0
+    losses: list[float] = []
+    while step < total_steps:
+        for batch in loader:
+            t0 = time.perf_counter()
+            wait += loader.wait_s
+            view = augment(batch["image"], masks=(batch["anatomy"], batch["deface"]))
+            inputs = {"image": view.image.float(), "target": view.target.float(), "anatomy": view.masks[0],
+                      "deface": view.masks[1]}  # fmt: skip
+            with autocast:
+                loss, logs = model(inputs, generator)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            objective.after_step()
+            step += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            busy += time.perf_counter() - t0
+            if step % cfg.log_every == 0 or step == total_steps:
+                value = float(loss.detach())  # the one host sync per log interval
+                losses.append(value)
+                stall = wait / max(wait + busy, 1e-9)
+                patches_s = cfg.log_every * stage.batch_size * world / max(wait + busy, 1e-9)
+                if master:
+                    bar.set_postfix(loss=f"{value:.4f}", stall=f"{stall:.1%}", patches_s=f"{patches_s:.1f}")
+                    log.write(step, value, scheduler.get_last_lr()[0], 1e3 * (wait + busy) / cfg.log_every, stall,
+                              patches_s, {k: float(v) for k, v in logs.items()})  # fmt: skip
+                wait = busy = 0.0
+            bar.update()
+            if step % cfg.checkpoint_every == 0 or step == total_steps:
+                _checkpoint(out, index, step, objective, optimizer, scheduler, augment, loader, generator, master)
+            if step == total_steps:
+                break
+    bar.close()
+    loader.close()
+    if master:
+        torch.save(net.state_dict(), out / f"{stage.name}_final.pt")
+        plan = nnssl_pretrain_plan(patch_size=(stage.out_size,) * 3)
+        export_encoder(net, cfg.model, out / f"{stage.name}_encoder.pt", plan)
+        log.plot(out / f"{stage.name}_loss.png")
+    if world > 1:
+        dist.barrier()
+
+
+def _poly_with_warmup(warmup: int, total: int):
+    """Linear warm-up, then nnU-Net's poly decay (1 - t)^0.9."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** 0.9
+
+    return factor
+
+
+def _checkpoint(out, index, step, objective, optimizer, scheduler, augment, loader, generator, master) -> None:
+    """Gather every rank's loader/augmentation/RNG state; rank 0 writes the file atomically."""
+    local = {"augment": augment.state_dict(), "loader": loader.state_dict(), "generator": generator.get_state(),
+             "torch_rng": torch.get_rng_state()}  # fmt: skip
+    gathered = [local]
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+    if not master:
+        return
+    state = {
+        "stage": index,
+        "step": step,
+        "objective": objective.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        **{key: [g[key] for g in gathered] for key in local},
+    }
+    tmp = out / f"{CHECKPOINT}.partial"
+    torch.save(state, tmp)
+    os.replace(tmp, out / CHECKPOINT)
+
+
+class _Log:
+    """A stage's log (STAGE_log.csv, one row per interval) and its loss plot."""
+
+    def __init__(self, path: Path, stage: str) -> None:
+        self.path, self.stage = path, stage
+
+    def write(self, step, loss, lr, ms_step, stall, patches_s, extra: dict[str, float]) -> None:
+        row = {"stage": self.stage, "step": step, "loss": loss, "lr": lr, "ms_per_step": ms_step,
+               "data_stall": stall, "patches_per_s": patches_s, **extra}  # fmt: skip
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import pandas as pd
+
+        rows = pd.read_csv(self.path, usecols=["step", "loss"])
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(rows["step"], rows["loss"], marker=".")
+        ax.set(xlabel="step", ylabel=f"{self.stage} loss", title=f"stage {self.stage}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
