@@ -19,4 +19,8 @@ demo=${DEMO_DIR:-demo}
 .venv/bin/openmind-convert demo-data "$demo/corpus"
 .venv/bin/openmind-convert "$demo/corpus" "$demo/store" --format zarr,wds --workers 2
 .venv/bin/openmind-manifest stats "$demo/store/manifest.parquet"
+.venv/bin/openmind-manifest query "$demo/store/manifest.parquet" --preset mae8 -o "$demo/mae8.parquet"
+m="$demo/store/manifest.parquet"
+.venv/bin/openmind-train training/configs/demo.toml --run.out="\"$demo/run\"" \
+  --stages.voco.manifest="\"$m\"" --stages.mae.manifest="\"$m\""
 echo "demo outputs are under $demo/"

@@ -88,8 +88,8 @@ def _run_stage(
         **{k: v for k, v in (("preset", stage.preset), ("min_quality", stage.min_quality)) if v is not None},
     )
     loader = make_loader(dataset, stage.batch_size, num_workers=stage.num_workers, device=device)
-    total_steps = stage.epochs * len(loader)
-    total_steps = min(total_steps, stage.max_steps) if stage.max_steps else total_steps
+    schedule_steps = stage.epochs * len(loader)  # max_steps stops early without changing the schedule
+    total_steps = schedule_steps if stage.max_steps is None else min(schedule_steps, stage.max_steps)
     augment = GPUAugment(AugmentSettings(**{"out_size": stage.out_size, "seed": cfg.seed + 7919 * rank,
                                             **stage.augment}))  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.seed + 104729 * rank + index)
@@ -111,7 +111,7 @@ def _run_stage(
         optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=0.99, nesterov=True, weight_decay=stage.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _poly_with_warmup(stage.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _poly_with_warmup(stage.warmup_steps, schedule_steps))
     model = DDP(objective) if world > 1 else objective
     model = torch.compile(model) if cfg.compile else model
     autocast = (
@@ -175,7 +175,8 @@ def _run_stage(
         torch.save(net.state_dict(), out / f"{stage.name}_final.pt")
         plan = nnssl_pretrain_plan(patch_size=(stage.out_size,) * 3)
         export_encoder(net, cfg.model, out / f"{stage.name}_encoder.pt", plan)
-        log.plot(out / f"{stage.name}_loss.png")
+        if log.path.exists():  # a stage stopped at step 0 has nothing to plot
+            log.plot(out / f"{stage.name}_loss.png")
     if world > 1:
         dist.barrier()
 
