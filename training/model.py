@@ -1,0 +1,273 @@
+"""ResEnc U-Net presets and the encoder export that nnssl / the SSL3D challenge's nnU-Net adaptation reads.
+
+`resenc_l` is nnssl's `get_res_enc_l` (nnU-Net's ResEnc-L topology: dynamic_network_architectures
+`ResidualEncoderUNet`, 6 stages, 32-64-128-256-320-320 features, 1-3-4-6-6-6 blocks), left with PyTorch's
+default init as nnssl leaves it. The export is nnssl's checkpoint layout: `{"network_weights", "nnssl_adaptation_plan"}`
+with the plan serialised as nnssl's `AdaptationPlan.serialize()` writes it. Arrays are (B, C, D, H, W).
+"""
+
+import io
+import os
+import pickle
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from torch import nn
+
+# Per preset: (features_per_stage, n_blocks_per_stage). ResEnc-L from nnssl's architecture_registry.py;
+# resenc_tiny keeps the block structure but is small enough for CPU tests (a 32^3 training step ~0.1 s CPU).
+_TOPOLOGY: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "resenc_l": ((32, 64, 128, 256, 320, 320), (1, 3, 4, 6, 6, 6)),
+    "resenc_tiny": ((4, 8, 16, 32), (1, 1, 1, 1)),
+}
+# nnssl's architecture name for a dynamic_network_architectures class rebuilt from `arch_kwargs`.
+_ARCH_CLASS_NAME = "ResidualEncoderUNet"
+# The only classes a plan may name; a plan is data, so it never imports whatever a string says.
+_CLASSES: dict[str, type[nn.Module]] = {
+    f"{c.__module__}.{c.__name__}": c for c in (nn.Conv3d, nn.InstanceNorm3d, nn.LeakyReLU)
+}
+# Top-level keys of nnssl's `Plan` and `ConfigurationPlan` dataclasses: nnssl rebuilds them with `**dict`.
+_PLAN_KEYS = frozenset(
+    {
+        "dataset_name",
+        "plans_name",
+        "original_median_spacing_after_transp",
+        "image_reader_writer",
+        "transpose_forward",
+        "transpose_backward",
+        "configurations",
+        "experiment_planner_used",
+    }
+)
+_CONFIGURATION_KEYS = frozenset(
+    {
+        "data_identifier",
+        "preprocessor_name",
+        "spacing_style",
+        "normalization_schemes",
+        "use_mask_for_norm",
+        "resampling_fn_data",
+        "resampling_fn_data_kwargs",
+        "resampling_fn_mask",
+        "resampling_fn_mask_kwargs",
+        "spacing",
+        "patch_size",
+    }
+)
+
+
+class ExportError(ValueError):
+    """An encoder export that would not load downstream; raised before anything is written."""
+
+
+def arch_kwargs(arch_name: str) -> dict[str, Any]:
+    """The `ResidualEncoderUNet` kwargs of a preset, with exactly the fields of nnssl's `DynamicArchitecturePlans`."""
+    if arch_name not in _TOPOLOGY:
+        raise ValueError(f"expected arch_name in {sorted(_TOPOLOGY)}, got {arch_name!r}")
+    features, blocks = _TOPOLOGY[arch_name]
+    n_stages = len(features)
+    return {
+        "n_stages": n_stages,
+        "features_per_stage": list(features),
+        "conv_op": nn.Conv3d,
+        "kernel_sizes": [[3, 3, 3] for _ in range(n_stages)],
+        "strides": [[1, 1, 1]] + [[2, 2, 2] for _ in range(n_stages - 1)],
+        "n_blocks_per_stage": list(blocks),
+        "n_conv_per_stage_decoder": [1] * (n_stages - 1),
+        "conv_bias": True,
+        "norm_op": nn.InstanceNorm3d,
+        "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": nn.LeakyReLU,
+        "nonlin_kwargs": {"inplace": True},
+    }
+
+
+def resenc_l(in_channels: int = 1, num_classes: int = 1, deep_supervision: bool = False) -> ResidualEncoderUNet:
+    """nnU-Net/nnssl ResEnc-L, the architecture the SSL3D challenge fine-tunes."""
+    return ResidualEncoderUNet(
+        in_channels, num_classes=num_classes, deep_supervision=deep_supervision, **arch_kwargs("resenc_l")
+    )
+
+
+def resenc_tiny(in_channels: int = 1, num_classes: int = 1, deep_supervision: bool = False) -> ResidualEncoderUNet:
+    """A 4-stage ResEnc with 4-32 features: same code paths as ResEnc-L, cheap enough for CPU tests."""
+    return ResidualEncoderUNet(
+        in_channels, num_classes=num_classes, deep_supervision=deep_supervision, **arch_kwargs("resenc_tiny")
+    )
+
+
+PRESETS: dict[str, Callable[..., ResidualEncoderUNet]] = {"resenc_l": resenc_l, "resenc_tiny": resenc_tiny}
+
+
+def encoder_features(encoder: ResidualEncoder, x: torch.Tensor) -> torch.Tensor:
+    """Bottleneck feature map (B, C_last, d, h, w) of a ResEnc encoder (`net.encoder`), for the caller to pool.
+
+    Takes the encoder, not the whole U-Net, so an objective that only trains the encoder (VoCo) owns no decoder
+    parameters: under DDP every parameter it owns then gets a gradient and no `find_unused_parameters` is needed.
+    """
+    return encoder(x)[-1]
+
+
+def nnssl_pretrain_plan(
+    patch_size: Sequence[int],
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    dataset_name: str = "OpenMind",
+    configuration: str = "onemmiso",
+) -> dict[str, Any]:
+    """An nnssl `Plan` dict describing this toolkit's preprocessing (1 mm RAS, z-score inside the anatomy mask).
+
+    Downstream adaptation reads `spacing` and `patch_size` (the patch the network saw, e.g. the VoCo crop size);
+    the other fields only describe the pipeline, in the schema nnssl's `Plan.from_dict` requires.
+    """
+    config = {
+        "data_identifier": f"openmind_tools_{configuration}",
+        "preprocessor_name": "openmind_tools",
+        "spacing_style": configuration,
+        "normalization_schemes": ["ZScoreNormalization"],
+        "use_mask_for_norm": [True],
+        "resampling_fn_data": "linear",
+        "resampling_fn_data_kwargs": {},
+        "resampling_fn_mask": "nearest",
+        "resampling_fn_mask_kwargs": {},
+        "spacing": [float(s) for s in spacing],
+        "patch_size": [int(p) for p in patch_size],
+    }
+    return {
+        "dataset_name": dataset_name,
+        "plans_name": "openmind_tools",
+        "original_median_spacing_after_transp": [float(s) for s in spacing],
+        "image_reader_writer": "NibabelReaderWriter",
+        "transpose_forward": [0, 1, 2],
+        "transpose_backward": [0, 1, 2],
+        "configurations": {configuration: config},
+        "experiment_planner_used": "openmind_tools",
+    }
+
+
+def export_encoder(
+    net: ResidualEncoderUNet,
+    arch_name: str,
+    path: str | os.PathLike,
+    pretrain_plan: dict[str, Any],
+    patch_size: Sequence[int] = (160, 160, 160),
+) -> Path:
+    """Write `net`'s weights with an nnssl adaptation plan, after proving they load into a fresh preset net.
+
+    `net` is the plain module (not DDP- or compile-wrapped). The check rebuilds the network from the plan alone,
+    as downstream code does, loads the weights with `strict=True` and resolves every key prefix; any failure
+    raises `ExportError` and leaves `path` untouched. The file is written to a temporary name and then renamed.
+    """
+    _check_pretrain_plan(pretrain_plan)
+    weights = _cpu_state_dict(net)
+    in_channels = int(net.encoder.stem.convs[0].conv.in_channels)
+    plan = {
+        "architecture_plans": {
+            "arch_class_name": _ARCH_CLASS_NAME,
+            "arch_kwargs": _serialise(arch_kwargs(arch_name)),
+            "arch_kwargs_requiring_import": ["conv_op", "norm_op", "nonlin"],
+        },
+        "pretrain_plan": pretrain_plan,
+        "pretrain_num_input_channels": in_channels,
+        "recommended_downstream_patchsize": [int(p) for p in patch_size],
+        "key_to_encoder": net.key_to_encoder,
+        "key_to_stem": net.key_to_stem,
+        "keys_to_in_proj": list(net.keys_to_in_proj),
+        "key_to_lpe": None,
+    }
+    try:
+        # Rebuild from the plan as a weights_only load will return it (numpy scalars, say, would not survive).
+        buffer = io.BytesIO()
+        torch.save(plan, buffer)
+        buffer.seek(0)
+        _net_from_plan(torch.load(buffer, weights_only=True), weights)
+    except (pickle.UnpicklingError, RuntimeError, KeyError, AttributeError, ValueError) as e:
+        raise ExportError(f"export as {arch_name!r} would not load downstream: {e}") from e
+    return _atomic_save({"network_weights": weights, "nnssl_adaptation_plan": plan}, Path(path))
+
+
+def load_exported(path: str | os.PathLike) -> tuple[ResidualEncoderUNet, dict[str, Any]]:
+    """Rebuild the network an `export_encoder` file describes and load its weights strictly (no unpickling)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    plan = checkpoint["nnssl_adaptation_plan"]
+    return _net_from_plan(plan, checkpoint["network_weights"]), plan
+
+
+def _net_from_plan(plan: dict[str, Any], weights: dict[str, torch.Tensor]) -> ResidualEncoderUNet:
+    """Build the plan's network (output channels taken from the weights), load strictly, resolve the key prefixes."""
+    architecture = plan["architecture_plans"]
+    if architecture["arch_class_name"] != _ARCH_CLASS_NAME:
+        raise ValueError(f"expected arch_class_name {_ARCH_CLASS_NAME!r}, got {architecture['arch_class_name']!r}")
+    kwargs = dict(architecture["arch_kwargs"])
+    for key in architecture["arch_kwargs_requiring_import"]:
+        if kwargs[key] not in _CLASSES:
+            raise ValueError(f"arch_kwargs[{key!r}]: expected one of {sorted(_CLASSES)}, got {kwargs[key]!r}")
+        kwargs[key] = _CLASSES[kwargs[key]]
+    last_seg_layer = f"decoder.seg_layers.{kwargs['n_stages'] - 2}.weight"
+    net = ResidualEncoderUNet(
+        plan["pretrain_num_input_channels"], num_classes=weights[last_seg_layer].shape[0], **kwargs
+    )
+    net.load_state_dict(weights, strict=True)
+    for key in (plan["key_to_encoder"], plan["key_to_stem"], *plan["keys_to_in_proj"]):
+        net.get_submodule(key)
+    return net
+
+
+def _check_pretrain_plan(pretrain_plan: dict[str, Any]) -> None:
+    """nnssl rebuilds `Plan(**dict)` and reads `patch_size`/`spacing` of the first configuration: check both exist."""
+    missing = _PLAN_KEYS - set(pretrain_plan)
+    if missing:
+        raise ExportError(f"pretrain_plan: missing keys {sorted(missing)}")
+    configurations = pretrain_plan["configurations"]
+    if not configurations:
+        raise ExportError("pretrain_plan['configurations']: expected at least one configuration, got none")
+    for name, config in configurations.items():
+        missing = _CONFIGURATION_KEYS - set(config)
+        if missing:
+            raise ExportError(f"pretrain_plan['configurations'][{name!r}]: missing keys {sorted(missing)}")
+
+
+def _cpu_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict on the CPU with one copy per shared tensor, so `torch.save` stores each once.
+
+    dynamic_network_architectures registers every conv twice (`conv` and `all_modules.0`) and the decoder holds
+    the encoder, so copying key by key would write ResEnc-L's 0.41 GB of parameters as 1.5 GB.
+    """
+    copies: dict[tuple, torch.Tensor] = {}
+    weights = {}
+    for key, value in net.state_dict().items():
+        identity = (value.device, value.data_ptr(), value.dtype, value.shape, value.stride())
+        if identity not in copies:
+            copies[identity] = value.detach().cpu()
+        weights[key] = copies[identity]
+    return weights
+
+
+def _serialise(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Classes become "module.Name" strings, as nnssl's `DynamicArchitecturePlans.serialize` writes them."""
+    return {k: f"{v.__module__}.{v.__name__}" if isinstance(v, type) else v for k, v in kwargs.items()}
+
+
+def _atomic_save(obj: dict[str, Any], path: Path) -> Path:
+    """torch.save to a temporary file in the target folder, fsync, then `os.replace` (a reader never sees half).
+
+    The temporary file is opened with plain `open` so the result gets the usual umask permissions, not mkstemp's 0600.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,173 @@
+"""VoCo (volume contrast, Wu et al. CVPR 2024) as one loss module, with VoCo v2's momentum (EMA) teacher.
+
+A region (B, 1, D, H, W) is tiled into a grid of non-overlapping base crops (2x2x2 by default, nnssl's `2x2x2`
+variant) and K random crops of the same size (K=4 as in VoCo and nnssl). The target for a random crop is its
+volume overlap with each base crop; the prediction is ReLU(cos) between the student's random-crop embedding and
+the teacher's base-crop embeddings. Loss = nnssl's `VoCoLoss`: overlap-weighted -log(1 - |y - p|) on overlapping
+pairs + mean p^2 on the others, plus the mean ReLU(cos) between the student's base-crop embeddings (paper eq. 5).
+The teacher is an EMA copy of encoder + head (VoCo v2 `voco_head.py`, momentum 0.9): without a slowly-moving
+target VoCo is reported not to learn on OpenMind with nnssl's settings.
+
+Trainer interface (shared with `training.mae.MAELoss`):
+    objective = VoCoLoss(net, ...)               # owns net.encoder, the projection head and the frozen teacher
+    loss, logs = objective(batch, generator)     # batch: "image" (B, 1, D, H, W) on device; other keys unused
+    loss.backward(); optimizer.step(); objective.after_step()   # after_step = ema_update(momentum)
+`logs` maps names to detached 0-dim tensors. Build the optimizer from `objective.parameters()` (the teacher has
+requires_grad=False and never gets a gradient), wrap `objective` itself in DDP (all its trainable parameters are
+used every step), call `after_step` on the unwrapped module, and checkpoint `objective.state_dict()` so head and
+teacher resume too. `generator` is a CPU `torch.Generator`: crop positions become slice bounds on the host.
+"""
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from torch import nn
+
+from training.model import encoder_features
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Where the crops of one batch sit, and the overlap targets that follow from it."""
+
+    crop_size: tuple[int, int, int]
+    base_starts: torch.Tensor  # (G, 3) int64: corner of each base crop, the same for every sample
+    random_starts: torch.Tensor  # (B, K, 3) int64: corner of each random crop
+    overlaps: torch.Tensor  # (B, K, G) float32: share of a random crop's volume inside each base crop
+
+
+def sample_crops(
+    region_shape: Sequence[int],
+    batch_size: int,
+    generator: torch.Generator,
+    grid: Sequence[int] = (2, 2, 2),
+    num_random: int = 4,
+) -> CropPlan:
+    """Base crops tile the region by `grid`; random crops of the same size lie anywhere inside it.
+
+    Because the base crops tile the region and every random crop lies inside it, each row of `overlaps` sums
+    to 1. Deterministic for a given generator state; pure tensor math on the generator's device.
+    """
+    if len(region_shape) != 3 or any(s % g for s, g in zip(region_shape, grid, strict=True)):
+        raise ValueError(f"region_shape: expected 3 axes divisible by grid {tuple(grid)}, got {tuple(region_shape)}")
+    crop_size = tuple(s // g for s, g in zip(region_shape, grid, strict=True))
+    axes = [torch.arange(g, device=generator.device) * c for g, c in zip(grid, crop_size, strict=True)]
+    base_starts = torch.cartesian_prod(*axes)
+    high = torch.tensor([s - c + 1 for s, c in zip(region_shape, crop_size, strict=True)], device=generator.device)
+    random_starts = (torch.rand(batch_size, num_random, 3, generator=generator, device=generator.device) * high).long()
+    # Same-size boxes overlap by max(0, c - |a - b|) along each axis.
+    size = torch.tensor(crop_size, device=generator.device)
+    shared = (size - (random_starts[:, :, None, :] - base_starts[None, None]).abs()).clamp_min(0)
+    overlaps = shared.prod(dim=-1).float() / size.prod().float()
+    return CropPlan(crop_size, base_starts, random_starts, overlaps)
+
+
+def extract_crops(images: torch.Tensor, starts: torch.Tensor, crop_size: Sequence[int]) -> torch.Tensor:
+    """Slice crops (B * N, C, *crop_size) out of images (B, C, D, H, W) at corners `starts` (B, N, 3)."""
+    cd, ch, cw = crop_size
+    return torch.stack(
+        [
+            images[b, :, z : z + cd, y : y + ch, x : x + cw]
+            for b, sample_starts in enumerate(starts.tolist())
+            for z, y, x in sample_starts
+        ]
+    )
+
+
+class VoCoLoss(nn.Module):
+    """Overlap-supervised crop similarity with an EMA teacher; see the module docstring for the call shape."""
+
+    def __init__(
+        self,
+        net: ResidualEncoderUNet,
+        grid: Sequence[int] = (2, 2, 2),
+        num_random: int = 4,
+        momentum: float = 0.9,  # VoCo v2's teacher momentum, applied after every optimizer step
+        hidden_dim: int = 2048,  # projection head widths of VoCo and nnssl
+        out_dim: int = 2048,
+        pred_weight: float = 1.0,  # nnssl weights both terms 1
+        reg_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if len(grid) != 3 or min(grid) < 1 or grid[0] * grid[1] * grid[2] < 2:
+            raise ValueError(f"grid: expected 3 positive ints giving at least 2 base crops, got {tuple(grid)}")
+        if num_random < 1:
+            raise ValueError(f"num_random: expected >= 1, got {num_random}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum: expected in [0, 1), got {momentum}")
+        self.grid = tuple(grid)
+        self.num_random = num_random
+        self.momentum = momentum
+        self.pred_weight = pred_weight
+        self.reg_weight = reg_weight
+        self.student = _Embedder(net.encoder, hidden_dim, out_dim)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image = batch["image"]
+        b = image.shape[0]
+        crops = sample_crops(image.shape[2:], b, generator, self.grid, self.num_random)
+        base = extract_crops(image, crops.base_starts.expand(b, -1, -1), crops.crop_size)
+        random = extract_crops(image, crops.random_starts, crops.crop_size)
+        # The student embeds base crops too: the regulariser needs them with a gradient.
+        embeddings = self.student(torch.cat([base, random])).float()
+        student_base = embeddings[: base.shape[0]].view(b, -1, embeddings.shape[-1])
+        student_random = embeddings[base.shape[0] :].view(b, self.num_random, -1)
+        with torch.no_grad():
+            teacher_base = self.teacher(base).float().view(b, -1, embeddings.shape[-1])
+        target = crops.overlaps.to(image.device)
+        prediction = _relu_cosine(student_random, teacher_base)  # (B, K, G)
+        positive = -(target * torch.log(1 - (target - prediction).abs() + 1e-6)).sum() / target.sum()
+        is_negative = target == 0
+        negative = (prediction.square() * is_negative).sum() / is_negative.sum().clamp_min(1)
+        pairs = torch.triu_indices(student_base.shape[1], student_base.shape[1], offset=1, device=image.device)
+        regulariser = _relu_cosine(student_base, student_base)[:, pairs[0], pairs[1]].mean()
+        loss = self.pred_weight * (positive + negative) + self.reg_weight * regulariser
+        logs = {"voco_pos": positive.detach(), "voco_neg": negative.detach(), "voco_reg": regulariser.detach()}
+        return loss, logs
+
+    @torch.no_grad()
+    def ema_update(self, momentum: float) -> None:
+        """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+        for teacher, student in zip(self.teacher.parameters(), self.student.parameters(), strict=True):
+            teacher.mul_(momentum).add_(student.detach(), alpha=1.0 - momentum)
+
+    def after_step(self) -> None:
+        """Call after each optimizer step: moves the teacher toward the student by the configured momentum."""
+        self.ema_update(self.momentum)
+
+
+class _Embedder(nn.Module):
+    """Global-average-pooled encoder bottleneck -> VoCo's 3-layer projection MLP.
+
+    LayerNorm without affine normalises each embedding on its own (what nnssl's InstanceNorm1d on (N, C) does),
+    so an embedding does not depend on which other crops share the batch, unlike VoCo's BatchNorm1d.
+    """
+
+    def __init__(self, encoder: ResidualEncoder, hidden_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Sequential(
+            nn.Linear(encoder.output_channels[-1], hidden_dim),
+            nn.LayerNorm(hidden_dim, elementwise_affine=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.LayerNorm(hidden_dim, elementwise_affine=False),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return self.head(encoder_features(self.encoder, crops).mean(dim=(2, 3, 4)))
+
+
+def _relu_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """ReLU of the cosine similarity of every row of a (B, N, E) with every row of b (B, M, E): (B, N, M)."""
+    return torch.relu(F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).transpose(1, 2))
