@@ -1,0 +1,295 @@
+"""Patch loading cost: this loader (Zarr, tar shards, S3) against per-sample NIfTI and on-the-fly MONAI.
+
+    .venv/bin/python benchmarks/loader_bench.py [--latency-ms 20] [--workdir DIR]
+
+All rows deliver the same thing through a torch DataLoader (batches of 4 x 1 x 160^3: image float16,
+anatomy/deface/valid uint8) from the same volumes (the demo corpus: 19 MNI152-derived heads, converted
+once), one epoch per row, one thread per worker:
+- loader zarr / wds: PatchDataset + make_loader (CPU device), c = crops per volume read;
+- NIfTI per sample: the preprocessed volume saved as image.nii.gz (float32) + masks.nii.gz (uint8 code),
+  read with SimpleITK and cropped, one read per patch (nnU-Net/nnssl style);
+- MONAI on the fly: LoadImaged + Orientationd + Spacingd + NormalizeIntensityd + RandSpatialCropd (after
+  SpatialPadd) on the source NIfTI and its masks.
+Each row runs a warm-up epoch (starting persistent workers) and then measures one epoch: CPU s/patch
+counts every process (main + workers, user + system), bytes read counts their read() syscalls (rchar).
+S3 rows read the same stores from a moto server on loopback, once as is and once with `--latency-ms`
+added to every request; they count bytes from the manifest. Prints one markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import psutil
+import s3fs
+import SimpleITK as sitk
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from openmind_tools import zarr_store
+from openmind_tools.convert import convert
+from openmind_tools.corpus import discover
+from openmind_tools.demo import write_demo_corpus
+from openmind_tools.loader import PatchDataset, make_loader
+
+PATCH, BATCH = 160, 4
+STORED_BYTES_PER_VOXEL = 3  # float16 image + one uint8 mask code: what a patch holds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, help="where to build the corpus and stores (default: a temp dir)")
+    parser.add_argument("--latency-ms", type=float, default=20.0, help="added to every S3 request in the S3 row")
+    parser.add_argument("--shard-mb", type=int, default=64, help="tar shard size (64 MB: ~5 demo heads a shard)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")  # MONAI's deprecation chatter
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="loader_bench_"))
+    try:
+        rows = run(work, args.latency_ms, args.shard_mb * 2**20)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print_table(rows, args.latency_ms)
+    return 0
+
+
+def run(work: Path, latency_ms: float, shard_bytes: int) -> list[dict[str, Any]]:
+    corpus = work / "corpus"
+    if not (work / "out" / "manifest.parquet").is_file():
+        write_demo_corpus(corpus)
+        convert(corpus, work / "out", formats=("zarr", "wds"), shard_bytes=shard_bytes, progress=False)
+    manifest = work / "out" / "manifest.parquet"
+    table = pd.read_parquet(manifest)
+    nifti = export_nifti(table, work)
+    _warm_page_cache([work / "out", work / "nifti", corpus])
+    rows = []
+    for workers in (1, 2):
+        for store, crops in (("zarr", 1), ("zarr", 2), ("wds", 1), ("wds", 2)):
+            dataset = PatchDataset(manifest, PATCH, store=store, crops_per_volume=crops, foreground_bias=0.9)
+            rows.append(ours(f"loader {store}, c={crops}", dataset, workers))
+        rows.append(baseline("NIfTI per sample (SimpleITK)", NiftiPatches(nifti), workers))
+        rows.append(
+            baseline("MONAI on the fly (source NIfTI)", MonaiPatches(discover(corpus).images), workers, warm=False)
+        )
+    rows += s3_rows(work / "out", table, latency_ms)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+class Counters:
+    """CPU seconds (user + system) and bytes read (rchar) of this process and its live children."""
+
+    def __init__(self) -> None:
+        self.cpu = self.read = 0.0
+
+    @classmethod
+    def now(cls) -> Counters:
+        counters = cls()
+        for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+            try:
+                times, io = process.cpu_times(), process.io_counters()
+            except psutil.NoSuchProcess:
+                continue
+            counters.cpu += times.user + times.system
+            counters.read += io.read_chars
+        return counters
+
+
+def measure(
+    name: str,
+    workers: int,
+    loader: Iterable[dict],
+    close: Callable[[], None],
+    nbytes: float | None = None,
+    warm: bool = True,
+) -> dict:
+    """Steady state: one warm-up epoch (starts the persistent workers; skipped where a patch takes ~1 s
+    anyway), then one measured epoch; the counters are read at its end, while the workers are alive."""
+    for _ in loader if warm else ():
+        pass
+    start, wall0, patches = Counters.now(), time.perf_counter(), 0
+    for batch in loader:
+        patches += len(batch["image"])
+        assert batch["image"].shape[1:] == (1, PATCH, PATCH, PATCH) and batch["image"].dtype == torch.float16
+    wall, end = time.perf_counter() - wall0, Counters.now()
+    close()
+    read = nbytes if nbytes is not None else (end.read - start.read) / patches
+    row = {"what": name, "workers": workers, "patches": patches, "cpu_ms": 1e3 * (end.cpu - start.cpu) / patches}
+    row |= {"wall_ms": 1e3 * wall / patches, "per_s": patches / wall, "read_mb": read / 1e6}
+    print(f"{name:40s} {workers} workers: {row['cpu_ms']:.1f} ms CPU/patch, {row['per_s']:.1f} patches/s", flush=True)
+    return row
+
+
+def ours(name: str, dataset: PatchDataset, workers: int, nbytes: float | None = None) -> dict:
+    loader = make_loader(dataset, batch_size=BATCH, num_workers=workers)
+    return measure(name, workers, loader, loader.close, nbytes)
+
+
+def baseline(name: str, dataset: Dataset, workers: int, warm: bool = True) -> dict:
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers, persistent_workers=True,
+                        worker_init_fn=_one_thread, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    return measure(name, workers, loader, lambda: loader._iterator._shutdown_workers(), warm=warm)
+
+
+def _one_thread(_: int) -> None:
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _warm_page_cache(folders: list[Path]) -> None:
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                path.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+def export_nifti(table: pd.DataFrame, work: Path) -> list[tuple[Path, Path]]:
+    """The preprocessed volumes as .nii.gz (image float32, mask code uint8): the per-sample baseline's input."""
+    out = []
+    for row in table.itertuples():
+        volume = zarr_store.read_volume(str(work / "out" / row.zarr_store), row.id, tuple(row.shape))
+        base = work / "nifti" / row.id.replace("/", "__")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        affine = np.stack(row.affine).astype(float)
+        image, masks = Path(f"{base}_image.nii.gz"), Path(f"{base}_masks.nii.gz")
+        nib.save(nib.Nifti1Image(volume.image.astype(np.float32), affine), image)
+        code = (volume.anatomy | (volume.deface << 1)).astype(np.uint8)
+        nib.save(nib.Nifti1Image(code, affine), masks)
+        out.append((image, masks))
+    return out
+
+
+def _random_crop(arrays: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Pad to at least the patch (image 0, valid 0 outside), then a uniform crop: the same output as ours."""
+    shape = np.array(arrays["image"].shape)
+    pad = [(0, max(PATCH - s, 0)) for s in shape]
+    arrays = {k: np.pad(v, pad) for k, v in arrays.items()}
+    start = [int(rng.integers(0, max(s - PATCH, 0) + 1)) for s in shape]
+    box = tuple(slice(b, b + PATCH) for b in start)
+    return {k: torch.from_numpy(np.ascontiguousarray(v[box])[None]) for k, v in arrays.items()}
+
+
+class NiftiPatches(Dataset):
+    def __init__(self, files: list[tuple[Path, Path]]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_path, masks_path = self.files[index]
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(image_path))).astype(np.float16)
+        code = sitk.GetArrayFromImage(sitk.ReadImage(str(masks_path)))
+        arrays = {"image": image, "anatomy": code & 1, "deface": (code >> 1) & 1, "valid": np.ones_like(code)}
+        return _random_crop(arrays, np.random.default_rng(index))
+
+
+class MonaiPatches(Dataset):
+    def __init__(self, images: list) -> None:
+        from monai import transforms as mt
+
+        keys = ["image", "anatomy", "deface"]
+        self.items = [{"image": str(i.image), "anatomy": str(i.anatomy_mask or ""), "deface": str(i.deface_mask or "")}
+                      for i in images]  # fmt: skip
+        self.items = [{k: v for k, v in item.items() if v} for item in self.items]
+        self.transform = mt.Compose([
+            mt.LoadImaged(keys, image_only=True, allow_missing_keys=True),
+            mt.EnsureChannelFirstd(keys, allow_missing_keys=True),
+            mt.Orientationd(keys, axcodes="RAS", allow_missing_keys=True),
+            mt.Spacingd(keys, pixdim=1.0, mode=("bilinear", "nearest", "nearest"), allow_missing_keys=True),
+            mt.NormalizeIntensityd("image", nonzero=True),
+            mt.SpatialPadd(keys, spatial_size=PATCH, allow_missing_keys=True),
+            mt.RandSpatialCropd(keys, roi_size=PATCH, random_size=False, allow_missing_keys=True),
+        ])  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        out = self.transform(self.items[index])
+        image = torch.as_tensor(np.asarray(out["image"]), dtype=torch.float16)
+        masks = {k: torch.as_tensor(np.asarray(out[k]), dtype=torch.uint8) if k in out else torch.zeros_like(image,
+                 dtype=torch.uint8) for k in ("anatomy", "deface")}  # fmt: skip
+        return {"image": image, **masks, "valid": torch.ones_like(image, dtype=torch.uint8)}
+
+
+# ---------------------------------------------------------------------------------------------- object storage
+class SlowS3FileSystem(s3fs.S3FileSystem):
+    """s3fs with a fixed delay before every request: a stand-in for a remote object store's latency."""
+
+    protocol = ("slows3",)
+    latency_s = 0.0
+
+    async def _call_s3(self, method: Any, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(self.latency_s)
+        return await super()._call_s3(method, *args, **kwargs)
+
+
+def s3_rows(out: Path, table: pd.DataFrame, latency_ms: float) -> list[dict]:
+    """Zarr and tar shards over a moto server (its own process, so its CPU is not counted), 2 workers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "bench", "secret": "bench"}
+    try:
+        fs = s3fs.S3FileSystem(**options)
+        for _ in range(100):
+            try:
+                fs.mkdir("bench")
+                break
+            except OSError:
+                time.sleep(0.1)
+        for part in ("manifest.parquet", "store.zarr", "shards"):
+            fs.put(str(out / part), f"bench/{part}", recursive=True)
+        fsspec.register_implementation("slows3", SlowS3FileSystem, clobber=True)
+        rows = []
+        for latency in (0.0, latency_ms):
+            SlowS3FileSystem.latency_s = latency / 1e3
+            SlowS3FileSystem.clear_instance_cache()
+            for store, column in (("zarr", "zarr_nbytes"), ("wds", "wds_nbytes")):
+                dataset = PatchDataset("slows3://bench/manifest.parquet", PATCH, store=store, crops_per_volume=1,
+                                       foreground_bias=0.9, storage_options=options, prefetch=4)  # fmt: skip
+                name = f"loader {store}, c=1, S3 +{latency:.0f} ms/request"
+                rows.append(ours(name, dataset, 2, nbytes=float(table[column].mean())))
+        return rows
+    finally:
+        server.terminate()
+        server.wait()
+
+
+# ---------------------------------------------------------------------------------------------- report
+def print_table(rows: list[dict], latency_ms: float) -> None:
+    df = pd.DataFrame(rows)
+    nifti = df[df["what"].str.startswith("NIfTI")].set_index("workers")["cpu_ms"]
+    patch_mb = PATCH**3 * STORED_BYTES_PER_VOXEL / 1e6
+    print(f"\n{PATCH}^3 patches, batch {BATCH}; patch bytes = {patch_mb:.1f} MB (float16 image + uint8 mask "
+          f"code); CPU x = NIfTI CPU / row CPU at the same worker count; S3 latency {latency_ms:.0f} ms\n")  # fmt: skip
+    print("| what | workers | patches | CPU ms/patch | CPU x vs NIfTI | wall ms/patch | patches/s | read MB/patch "
+          "| read / patch bytes |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in df.sort_values(["workers", "what"], kind="stable").itertuples():
+        ratio = nifti.get(r.workers, np.nan) / r.cpu_ms
+        print(f"| {r.what} | {r.workers} | {r.patches} | {r.cpu_ms:.1f} | {ratio:.1f}x | {r.wall_ms:.1f} "
+              f"| {r.per_s:.1f} | {r.read_mb:.1f} | {r.read_mb / patch_mb:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

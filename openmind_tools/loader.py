@@ -1,0 +1,419 @@
+"""Stream fixed-size patches (with anatomy, deface and valid masks) from the stores a manifest names.
+
+One epoch = every selected volume read once per rank group, split by rank (torchrun's RANK/WORLD_SIZE)
+then by DataLoader worker, `crops_per_volume` patches per read, because a 160^3 patch is nearly a whole
+1 mm head and the read + decode is the cost. Batches are dicts: image (B, 1, P, P, P) float16,
+anatomy/deface/valid (B, 1, P, P, P) uint8, origin (B, 3) int64 (the patch's first voxel in the stored
+volume, negative where padded), id (list of B volume ids). `make_loader` wraps a torch DataLoader and
+copies each batch to the device on a side CUDA stream one batch ahead. docs: notes/loader.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import fsspec
+import numcodecs
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from openmind_tools import zarr_store
+from openmind_tools.errors import ConfigError, StoreError
+from openmind_tools.loader_stages import (
+    SHUFFLE_STREAM,
+    VolumeRef,
+    batches,
+    crop_volumes,
+    decode_samples,
+    in_background,
+    raw_nbytes,
+    read_volumes,
+    replace_failures,
+    shard_samples,
+    shuffle_by_bytes,
+    shuffled,
+    split_by_rank,
+    split_by_worker,
+    with_retries,
+    wrap_to_multiple,
+)
+from openmind_tools.manifest import resolve_manifest
+
+STORES = ("zarr", "wds")
+ON_ERROR = ("raise", "skip")
+STATE_FORMAT = "openmind-loader/1"
+
+
+class PatchDataset(IterableDataset):
+    """Patches from the volumes of a manifest, deterministic per seed.
+
+    `manifest` is anything `openmind_tools.manifest.resolve_manifest` takes (a parquet path or URL, a
+    DataFrame from load_manifest/query, "mae8 min_quality=3 of out/manifest.parquet"), and `filters`
+    (modality=, preset=, min_quality=, where=, ...) select from it as `manifest.query` does. `root` is
+    the folder relative store paths resolve against (default: the manifest's folder; needed for a
+    DataFrame built by hand). `storage_options` reach fsspec, e.g. {"endpoint_url": ...} for S3-compatible
+    storage. `on_error="skip"` replaces an unreadable volume (see `replace_failures`) instead of stopping.
+    `shuffle_bytes` bounds each worker's tar-sample shuffle buffer; `prefetch` is the number of volumes
+    each worker reads ahead on threads. `rank`/`world_size` default to torchrun's environment.
+    Iterating yields batches of the position's batch size (`make_loader` sets it; 1 by default).
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path | pd.DataFrame | dict[str, Any],
+        patch_size: int | tuple[int, int, int] = 160,
+        *,
+        store: str = "zarr",
+        crops_per_volume: int = 1,
+        foreground_bias: float = 0.0,
+        seed: int = 0,
+        root: str | Path | None = None,
+        storage_options: dict[str, Any] | None = None,
+        on_error: str = "raise",
+        shuffle_bytes: int = 512 * 2**20,  # ~40 preprocessed 1 mm heads as uncompressed tar samples
+        prefetch: int = 2,
+        attempts: int = 4,  # tries per object before a transient error counts as a read failure
+        backoff_s: float = 0.2,  # first wait between tries; doubles each time
+        rank: int | None = None,
+        world_size: int | None = None,
+        **filters: Any,
+    ) -> None:
+        super().__init__()
+        self.patch_size = _patch_size(patch_size)
+        if store not in STORES:
+            raise ConfigError(f"store: expected one of {STORES}, got {store!r}")
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"on_error: expected one of {ON_ERROR}, got {on_error!r}")
+        if crops_per_volume < 1:
+            raise ConfigError(f"crops_per_volume: expected at least 1, got {crops_per_volume}")
+        if not 0.0 <= foreground_bias <= 1.0:
+            raise ConfigError(f"foreground_bias: expected a probability in [0, 1], got {foreground_bias}")
+        if attempts < 1 or prefetch < 0 or shuffle_bytes < 0:
+            raise ConfigError(f"attempts >= 1, prefetch >= 0, shuffle_bytes >= 0 expected, got {attempts}, "
+                              f"{prefetch}, {shuffle_bytes}")  # fmt: skip
+        self.store, self.crops_per_volume, self.foreground_bias = store, crops_per_volume, foreground_bias
+        self.seed, self.on_error, self.shuffle_bytes, self.prefetch = seed, on_error, shuffle_bytes, prefetch
+        self.attempts, self.backoff_s = attempts, backoff_s
+        self.storage_options = dict(storage_options or {})
+        self.rank, self.world_size = _distributed(rank, world_size)
+
+        rows, meta = resolve_manifest(manifest, self.storage_options, **filters)
+        base = str(root) if root is not None else meta.get("store_root")
+        self.settings_hash = _settings_hash(rows, meta)
+        self.volumes = _volume_refs(rows, store, None if base is None else base.rstrip("/"))
+        self.protocol = fsspec.core.split_protocol(_first_url(self.volumes[0]))[0] or "file"
+        if store == "zarr":
+            self._check_zarr_stores()
+        # (epoch, batches already consumed, batch size): written by the main process (set_position),
+        # read by every worker when an epoch starts; shared memory, so persistent workers see updates.
+        self._position = torch.zeros(3, dtype=torch.int64).share_memory_()
+        self._position[2] = 1
+
+    # ------------------------------------------------------------------------------------------ position
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the beginning of `epoch` (the order and crops change with it)."""
+        self.set_position(epoch, 0, self.position[2])
+
+    def set_position(self, epoch: int, batches: int, batch_size: int) -> None:
+        """Start the next iteration after `batches` batches of `batch_size` of `epoch` (PatchLoader calls it)."""
+        if epoch < 0 or batches < 0 or batch_size < 1:
+            raise ConfigError(f"position: expected epoch >= 0, batches >= 0, batch_size >= 1, got "
+                              f"{epoch}, {batches}, {batch_size}")  # fmt: skip
+        self._position[0], self._position[1], self._position[2] = epoch, batches, batch_size
+
+    @property
+    def position(self) -> tuple[int, int, int]:
+        """(epoch, batches consumed, batch size) where the next iteration starts."""
+        epoch, batches, batch_size = (int(v) for v in self._position)
+        return epoch, batches, batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        """Seed, position and everything that decides the batch sequence, as a plain JSON-able dict."""
+        epoch, batches, batch_size = self.position
+        return {
+            "format": STATE_FORMAT,
+            "seed": self.seed,
+            "epoch": epoch,
+            "batches": batches,
+            "batch_size": batch_size,
+            "store": self.store,
+            "patch_size": list(self.patch_size),
+            "crops_per_volume": self.crops_per_volume,
+            "foreground_bias": self.foreground_bias,
+            "world_size": self.world_size,
+            "volumes": len(self.volumes),
+            "volume_ids": _digest(v.id for v in self.volumes),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the saved position; refuse a state from a dataset that would yield other batches."""
+        _check_state(state, self.state_dict(), position=("epoch", "batches", "batch_size"))
+        self.set_position(state["epoch"], state["batches"], state["batch_size"])
+
+    def batches_per_epoch(self, batch_size: int, num_workers: int) -> int:
+        """Batches one rank yields per epoch: the same on every rank (the volume list is padded)."""
+        workers = max(num_workers, 1)
+        per_worker = math.ceil(len(self.volumes) / (self.world_size * workers))
+        return workers * math.ceil(per_worker * self.crops_per_volume / batch_size)
+
+    # ------------------------------------------------------------------------------------------ iteration
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            numcodecs.blosc.set_nthreads(1)  # the DataLoader workers are the parallelism
+        epoch, consumed, batch_size = self.position
+        # The DataLoader asks its workers for batches round-robin, starting at worker 0, and every worker
+        # has as many, so batch i of an epoch comes from worker i % W. After `consumed` batches, DataLoader
+        # worker j plays the part of worker (j + consumed) % W, which made every W-th of them.
+        worker = (worker + consumed) % num_workers
+        skip = len(range(worker, consumed, num_workers)) * batch_size
+        volumes = shuffled(self.volumes, seed=self.seed, epoch=epoch, by_shard=self.store == "wds")
+        volumes = wrap_to_multiple(volumes, multiple=self.world_size * num_workers)
+        volumes = split_by_rank(volumes, rank=self.rank, world_size=self.world_size)
+        volumes = list(split_by_worker(volumes, worker=worker, num_workers=num_workers))
+        fs = fsspec.filesystem(self.protocol, **self.storage_options)  # opened here, in the worker
+        reads, partial = divmod(skip, self.crops_per_volume)
+        if self.store == "zarr":
+            slots = itertools.islice(enumerate(volumes), reads, None)
+            loaded = read_volumes(
+                slots, fs=fs, prefetch=self.prefetch, attempts=self.attempts, backoff_s=self.backoff_s
+            )
+        else:
+            raw = shard_samples(volumes, fs=fs, attempts=self.attempts, backoff_s=self.backoff_s)
+            raw = in_background(raw, depth=max(self.prefetch, 1))
+            rng = np.random.default_rng([self.seed, epoch, self.rank, worker, SHUFFLE_STREAM])
+            raw = shuffle_by_bytes(raw, max_bytes=self.shuffle_bytes, nbytes=raw_nbytes, rng=rng)
+            loaded = decode_samples(itertools.islice(enumerate(raw), reads, None), settings_hash=self.settings_hash)
+        crops = crop_volumes(
+            replace_failures(loaded, on_error=self.on_error),
+            patch_size=self.patch_size,
+            crops_per_volume=self.crops_per_volume,
+            foreground_bias=self.foreground_bias,
+            seed=self.seed,
+            epoch=epoch,
+            rank=self.rank,
+            worker=worker,
+        )
+        yield from batches(itertools.islice(crops, partial, None), batch_size=batch_size, patch_size=self.patch_size)
+
+    # ------------------------------------------------------------------------------------------ checks
+    def _check_zarr_stores(self) -> None:
+        """Refuse a store written with other settings than the manifest says: read the attributes of
+        one array per store (one small GET; checking all 114k would double the requests of an epoch)."""
+        fs = fsspec.filesystem(self.protocol, **self.storage_options)
+        firsts: dict[str, VolumeRef] = {}
+        for volume in self.volumes:
+            firsts.setdefault(volume.zarr_root, volume)
+        for root, volume in firsts.items():
+            url = f"{root}/{zarr_store.array_path(volume.id)}/zarr.json"
+            try:
+                raw = with_retries(
+                    lambda u=url: fs.cat_file(u), attempts=self.attempts, backoff_s=self.backoff_s, what=url
+                )
+            except FileNotFoundError:
+                raise StoreError(
+                    f"volume {volume.id}: no array metadata at {url} (is {root} the right store?)"
+                ) from None
+            found = json.loads(raw).get("attributes", {}).get("settings_hash")
+            if self.settings_hash is not None and found != self.settings_hash:
+                raise StoreError(
+                    f"store {root} was written with settings_hash {found} (array of {volume.id}), but the "
+                    f"manifest says {self.settings_hash}: the store and manifest come from different conversions"
+                )
+
+
+class PatchLoader:
+    """A torch DataLoader over a PatchDataset that delivers batches on `device`, one batch ahead.
+
+    While the caller works on batch i, batch i+1 is already fetched and its host-to-device copy runs on
+    a side CUDA stream (from pinned memory); on CPU the same path runs without streams. `wait_s` is how
+    long the last batch kept the caller waiting (the trainer logs the data-stall fraction from it).
+    Iterating continues from the saved position: after a `break` or `load_state_dict`, the next
+    iteration resumes mid-epoch; after a full epoch the position moves to the next epoch.
+    """
+
+    def __init__(self, dataset: PatchDataset, loader: DataLoader, batch_size: int, device: torch.device) -> None:
+        self.dataset, self.loader, self.device = dataset, loader, device
+        self.batch_size, self.num_workers = batch_size, loader.num_workers
+        epoch, consumed, _ = dataset.position
+        dataset.set_position(epoch, consumed, batch_size)
+        self.wait_s = 0.0
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __len__(self) -> int:
+        return self.dataset.batches_per_epoch(self.batch_size, self.num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch, done, _ = self.dataset.position
+        self.dataset.set_position(epoch, done, self.batch_size)
+        stream = iter(self.loader)
+        start = perf_counter()
+        try:
+            pending = self._to_device(next(stream, None))
+            while pending is not None:
+                upcoming = self._to_device(next(stream, None))  # its copy overlaps the caller's step on `pending`
+                ready = self._ready(pending)
+                self.wait_s = perf_counter() - start
+                done += 1
+                self.dataset.set_position(epoch, done, self.batch_size)
+                yield ready
+                start = perf_counter()
+                pending = upcoming
+        except Exception:
+            self.close()  # a worker failed: stop them all now, not seconds later when garbage-collected
+            raise
+        self.dataset.set_position(epoch + 1, 0, self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_position(epoch, 0, self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.dataset.state_dict(), "num_workers": self.num_workers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at the saved batch; the worker count and batch size must match (they decide the order)."""
+        for key, ours in (("num_workers", self.num_workers), ("batch_size", self.batch_size)):
+            if state.get(key) != ours:
+                raise ConfigError(f"loader state: found {key}={state.get(key)!r} instead of {ours!r}")
+        self.dataset.load_state_dict({k: v for k, v in state.items() if k != "num_workers"})
+
+    def close(self) -> None:
+        """Stop the persistent workers now (otherwise they stop when the loader is garbage-collected)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self.loader._iterator = None
+
+    def _to_device(self, batch: dict[str, Any] | None) -> dict[str, Any] | None:
+        if batch is None or self.device.type == "cpu":
+            return batch
+        with torch.cuda.stream(self._stream):
+            return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _ready(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Make the caller's stream wait for the copy, and keep the memory alive for that stream."""
+        if self._stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self._stream)
+            for value in batch.values():
+                if torch.is_tensor(value):
+                    value.record_stream(current)
+        return batch
+
+
+def make_loader(
+    dataset: PatchDataset,
+    batch_size: int,
+    *,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    prefetch_factor: int = 2,
+    multiprocessing_context: str | None = None,
+) -> PatchLoader:
+    """A PatchLoader: persistent workers (stores stay open across epochs), pinned memory on CUDA."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: expected at least 1, got {batch_size}")
+    device = torch.device(device)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,  # the dataset batches: crops are copied straight into (shared) batch tensors
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+    )
+    return PatchLoader(dataset, loader, batch_size, device)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _patch_size(size: int | tuple[int, int, int]) -> tuple[int, int, int]:
+    sizes = (size,) * 3 if isinstance(size, int) else tuple(size)
+    if len(sizes) != 3 or any(int(s) != s or s < 1 for s in sizes):
+        raise ConfigError(f"patch_size: expected a positive int or three of them, got {size!r}")
+    return tuple(int(s) for s in sizes)
+
+
+def _distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Rank and world size: given, else torchrun's RANK/WORLD_SIZE, else a single process."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
+    return rank, world_size
+
+
+def _settings_hash(rows: pd.DataFrame, meta: dict[str, Any]) -> str | None:
+    """The one settings hash the rows share (and the manifest's metadata states, if it does)."""
+    found = sorted(set(rows["settings_hash"].dropna())) if "settings_hash" in rows else []
+    if len(found) > 1:
+        raise ConfigError(f"the manifest mixes volumes converted with different settings: settings_hash {found}")
+    stated = meta.get("settings_hash")
+    if stated is not None and found and found[0] != stated:
+        raise ConfigError(f"the manifest's rows have settings_hash {found[0]} but its metadata says {stated}")
+    return stated or (found[0] if found else None)
+
+
+def _volume_refs(rows: pd.DataFrame, store: str, base: str | None) -> list[VolumeRef]:
+    needed = ["id", "shape", *(("zarr_store",) if store == "zarr" else ("wds_shard", "wds_key"))]
+    absent = [c for c in needed if c not in rows]
+    if absent:
+        raise ConfigError(f"the manifest has no column(s) {absent} needed for store={store!r} "
+                          f"(was it converted with formats including {store!r}?)")  # fmt: skip
+    if len(rows) == 0:
+        raise ConfigError("the manifest (after the query) selects no volumes")
+    where = rows["zarr_store"] if store == "zarr" else rows["wds_shard"]
+    if where.isna().any():
+        first = rows.loc[where.isna(), "id"].iloc[0]
+        raise ConfigError(f"{int(where.isna().sum())} volume(s), e.g. {first}, have no {store} store in the manifest")
+    volumes = []
+    for row in rows.sort_values("id", kind="stable").itertuples(index=False):
+        url = _resolve(base, row.zarr_store if store == "zarr" else row.wds_shard)
+        volumes.append(
+            VolumeRef(
+                id=row.id,
+                shape=tuple(int(s) for s in row.shape),
+                zarr_root=url if store == "zarr" else None,
+                shard=url if store == "wds" else None,
+                key=row.wds_key if store == "wds" else None,
+            )
+        )
+    return volumes
+
+
+def _resolve(base: str | None, path: str) -> str:
+    if "://" in path or path.startswith("/"):
+        return path.rstrip("/")
+    if base is None:
+        raise ConfigError(f"store path {path!r} is relative: pass root= (the folder the manifest was written to)")
+    return f"{base}/{path}".rstrip("/")
+
+
+def _first_url(volume: VolumeRef) -> str:
+    return volume.zarr_root or volume.shard or ""
+
+
+def _digest(ids: Iterator[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def _check_state(state: dict[str, Any], ours: dict[str, Any], position: tuple[str, ...]) -> None:
+    if not isinstance(state, dict):
+        raise ConfigError(f"loader state: expected a dict, got {type(state).__name__}")
+    unknown, missing = sorted(set(state) - set(ours)), sorted(set(ours) - set(state))
+    if unknown or missing:
+        raise ConfigError(f"loader state: unknown keys {unknown}, missing keys {missing}")
+    for key, value in ours.items():
+        if key not in position and state[key] != value:
+            raise ConfigError(f"loader state: found {key}={state[key]!r} instead of {value!r}")

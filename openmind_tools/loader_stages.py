@@ -1,0 +1,452 @@
+"""The stages of the patch loader: module-level generators that each do one step of an epoch.
+
+A stage is `stage(src, *, ...) -> Iterator`, so it pickles for `spawn` workers and is testable with a
+list: volumes -> epoch order -> padded -> split by rank -> split by worker -> read (zarr) or stream
+(tar shards -> byte-bounded shuffle -> decode) -> failures replaced -> crops -> batches. Every random draw comes
+from a generator seeded by (seed, epoch, rank, worker, position); nothing reads time, pid or hash(str).
+A batch holds (B, 1, P, P, P) image float16 (0 outside the volume) and anatomy/deface/valid uint8.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fsspec
+import numpy as np
+import torch
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from openmind_tools import wds_store, zarr_store
+from openmind_tools.errors import StoreError
+from openmind_tools.volume import Volume
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Not worth a retry: the object is not there (or not ours to read), or it is there and wrong.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StoreError)
+_FOREGROUND_TRIES = 64  # uniform candidate voxels drawn before falling back to listing the anatomy
+# Last entropy word of a worker's generators, so the streams differ (numpy pads short seeds with zeros,
+# so a bare trailing index could collide with a shorter seed).
+CROP_STREAM, SHUFFLE_STREAM = 1, 2
+
+
+@dataclass(frozen=True)
+class VolumeRef:
+    """Where one manifest row's sample lives; small and picklable, built once in the main process."""
+
+    id: str
+    shape: tuple[int, int, int]
+    zarr_root: str | None  # URL of the Zarr store that holds the volume
+    shard: str | None  # URL of the tar shard that holds the sample
+    key: str | None  # the sample's key inside the shard
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def shuffled(volumes: Iterable[VolumeRef], *, seed: int, epoch: int, by_shard: bool) -> Iterator[VolumeRef]:
+    """The epoch's order, the same on every rank: a permutation of volumes, or of shards for tar streams.
+
+    Tar shards are read front to back, so their order is permuted as wholes (volumes keep their order
+    inside a shard) and the byte-bounded shuffle buffer mixes samples later.
+    """
+    volumes = list(volumes)
+    rng = np.random.default_rng([seed, epoch])
+    if not by_shard:
+        yield from (volumes[i] for i in rng.permutation(len(volumes)))
+        return
+    shards: dict[str | None, list[VolumeRef]] = {}
+    for volume in volumes:
+        shards.setdefault(volume.shard, []).append(volume)
+    groups = list(shards.values())
+    for i in rng.permutation(len(groups)):
+        yield from groups[i]
+
+
+def wrap_to_multiple(volumes: Iterable[VolumeRef], *, multiple: int) -> Iterator[VolumeRef]:
+    """Append the first few volumes again so the count divides evenly into `multiple` equal parts.
+
+    Equal parts give every rank the same number of steps (an unequal count hangs DDP at the last
+    all-reduce); at most `multiple - 1` volumes are read twice per epoch, and which ones changes with
+    the epoch's order.
+    """
+    volumes = list(volumes)
+    yield from volumes
+    missing = -len(volumes) % multiple
+    yield from (volumes[i % len(volumes)] for i in range(missing))
+
+
+def split_by_rank(volumes: Iterable[T], *, rank: int, world_size: int) -> Iterator[T]:
+    """This rank's contiguous block: contiguous keeps a tar shard on as few ranks as possible."""
+    yield from _block(list(volumes), rank, world_size, "rank")
+
+
+def split_by_worker(volumes: Iterable[T], *, worker: int, num_workers: int) -> Iterator[T]:
+    """This DataLoader worker's contiguous block of its rank's block."""
+    yield from _block(list(volumes), worker, num_workers, "worker")
+
+
+def _block(items: Sequence[T], part: int, parts: int, what: str) -> Sequence[T]:
+    if len(items) % parts:
+        raise ValueError(f"split by {what}: {len(items)} items do not divide into {parts} parts (pad first)")
+    size = len(items) // parts
+    return items[part * size : (part + 1) * size]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def with_retries(fn: Callable[[], T], *, attempts: int, backoff_s: float, what: str) -> T:
+    """Call `fn`, retrying transient I/O errors (connection reset, timeout, 5xx) with doubling waits.
+
+    A missing or corrupt object is not transient: it raises at once.
+    """
+    failures = 0
+    while True:
+        try:
+            return fn()
+        except _PERMANENT:
+            raise
+        except (OSError, TimeoutError) as e:
+            failures += 1
+            if failures >= attempts:
+                raise
+            wait = backoff_s * 2 ** (failures - 1)
+            log.warning("%s: %s: %s; retry %d of %d in %.2f s", what, type(e).__name__, e, failures, attempts - 1, wait)
+            time.sleep(wait)
+
+
+def read_volumes(
+    slots: Iterable[tuple[int, VolumeRef]],
+    *,
+    fs: fsspec.AbstractFileSystem,
+    prefetch: int,
+    attempts: int,
+    backoff_s: float,
+) -> Iterator[tuple[int, VolumeRef, Volume | StoreError]]:
+    """Read Zarr volumes in order, `prefetch` of them ahead on threads (fetch and blosc both drop the GIL).
+
+    Object-store latency (tens of ms per GET) is hidden behind the crops of the volumes already here.
+    A failed read comes out as a StoreError value so the next stage applies the error policy.
+    """
+    pool = ThreadPoolExecutor(max(prefetch, 1), thread_name_prefix="volume-read")
+    window: deque[tuple[int, VolumeRef, Future[Volume]]] = deque()
+    try:
+        for position, ref in slots:
+            window.append((position, ref, pool.submit(_read_zarr, ref, fs, attempts, backoff_s)))
+            if len(window) > prefetch:
+                yield _resolved(*window.popleft())
+        while window:
+            yield _resolved(*window.popleft())
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _read_zarr(ref: VolumeRef, fs: fsspec.AbstractFileSystem, attempts: int, backoff_s: float) -> Volume:
+    what = f"volume {ref.id} in {ref.zarr_root}"
+    return with_retries(
+        lambda: zarr_store.read_volume(ref.zarr_root, ref.id, ref.shape, fs=fs),
+        attempts=attempts,
+        backoff_s=backoff_s,
+        what=what,
+    )
+
+
+def _resolved(position: int, ref: VolumeRef, future: Future[Volume]) -> tuple[int, VolumeRef, Volume | StoreError]:
+    try:
+        return position, ref, future.result()
+    except StoreError as e:
+        return position, ref, e
+    except Exception as e:
+        return position, ref, StoreError(f"volume {ref.id} in {ref.zarr_root}: {type(e).__name__}: {e}")
+
+
+def shard_samples(
+    volumes: Iterable[VolumeRef], *, fs: fsspec.AbstractFileSystem, attempts: int, backoff_s: float
+) -> Iterator[tuple[VolumeRef, dict[str, Any] | StoreError]]:
+    """Stream the raw (undecoded) samples of `volumes` from their tar shards, in tar order.
+
+    Consecutive volumes of one shard are served by one pass over it that keeps only their keys and
+    stops once it has them all, so a worker whose block starts or ends inside a shard reads only up to
+    what it needs (and, with fewer shards than workers, each worker reads the shard up to its block).
+    A key the shard lacks comes out as a StoreError naming the volume id and the shard.
+    """
+    pending: list[VolumeRef] = []
+    for volume in volumes:
+        if pending and volume.shard != pending[0].shard:
+            yield from _one_shard(pending, fs, attempts, backoff_s)
+            pending = []
+        pending.append(volume)
+    if pending:
+        yield from _one_shard(pending, fs, attempts, backoff_s)
+
+
+def _one_shard(
+    volumes: list[VolumeRef], fs: fsspec.AbstractFileSystem, attempts: int, backoff_s: float
+) -> Iterator[tuple[VolumeRef, dict[str, Any] | StoreError]]:
+    url = volumes[0].shard
+    wanted: dict[str, list[VolumeRef]] = {}
+    for volume in volumes:
+        wanted.setdefault(volume.key, []).append(volume)
+    try:
+        stream = with_retries(
+            lambda: fs.open(url, "rb", block_size=16 * 2**20, cache_type="readahead"),
+            attempts=attempts,
+            backoff_s=backoff_s,
+            what=f"shard {url}",
+        )
+    except OSError as e:
+        for volume in volumes:
+            yield volume, StoreError(f"volume {volume.id}: cannot open shard {url}: {type(e).__name__}: {e}")
+        return
+    with stream:
+        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+            for volume in wanted.pop(sample["__key__"], ()):
+                yield volume, sample
+            if not wanted:
+                break
+    for missing in wanted.values():
+        for volume in missing:
+            yield volume, StoreError(f"volume {volume.id}: no sample with key {volume.key!r} in shard {url}")
+
+
+def shuffle_by_bytes(
+    items: Iterable[T], *, max_bytes: int, nbytes: Callable[[T], int], rng: np.random.Generator
+) -> Iterator[T]:
+    """Shuffle a stream through a buffer bounded in bytes (volumes differ ~30x in size; counts mislead).
+
+    The buffer holds at most `max_bytes` plus one item; when full it yields a random item to make room.
+    """
+    buffer: list[T] = []
+    held = 0
+    for item in items:
+        buffer.append(item)
+        held += nbytes(item)
+        while held > max_bytes and buffer:
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            out = buffer.pop()
+            held -= nbytes(out)
+            yield out
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def raw_nbytes(item: tuple[VolumeRef, dict[str, Any] | StoreError]) -> int:
+    _, sample = item
+    return 0 if isinstance(sample, StoreError) else sum(len(v) for v in sample.values() if isinstance(v, bytes))
+
+
+def decode_samples(
+    slots: Iterable[tuple[int, tuple[VolumeRef, dict[str, Any] | StoreError]]], *, settings_hash: str | None
+) -> Iterator[tuple[int, VolumeRef, Volume | StoreError]]:
+    """Decode raw tar samples (after the shuffle buffer, so the buffer holds compact bytes) and check them.
+
+    A sample whose json names another id, or another settings hash than the manifest's, is refused.
+    """
+    for position, (ref, sample) in slots:
+        if isinstance(sample, StoreError):
+            yield position, ref, sample
+            continue
+        try:
+            volume_id, volume, meta = wds_store.decode_sample(sample)
+        except Exception as e:
+            yield position, ref, StoreError(f"volume {ref.id} in {ref.shard}: {type(e).__name__}: {e}")
+            continue
+        found = meta.get("settings_hash")
+        if settings_hash is not None and found is not None and found != settings_hash:
+            raise StoreError(
+                f"volume {ref.id} in {ref.shard} was written with settings_hash {found}, but the manifest "
+                f"says {settings_hash}: the store and manifest come from different conversions"
+            )
+        if volume_id != ref.id:
+            yield position, ref, StoreError(f"sample {ref.key!r} in {ref.shard} holds volume {volume_id}, not {ref.id}")
+            continue
+        yield position, ref, volume
+
+
+def replace_failures(
+    loaded: Iterable[tuple[int, VolumeRef, Volume | StoreError]], *, on_error: str
+) -> Iterator[tuple[int, VolumeRef, Volume]]:
+    """Apply the read-error policy: "raise" stops with the error; "skip" logs it and fills the slot.
+
+    A skipped slot is filled with the worker's previous good volume (or, before any, the next one), so
+    every worker still yields the same number of crops and every rank takes the same number of steps.
+    """
+    last: tuple[VolumeRef, Volume] | None = None
+    owed: list[int] = []  # positions that failed before any volume of this worker was read
+    for position, ref, volume in loaded:
+        if isinstance(volume, StoreError):
+            if on_error == "raise":
+                raise volume
+            log.error("skipping a volume that cannot be read: %s", volume)
+            if last is None:
+                owed.append(position)
+            else:
+                yield position, *last
+            continue
+        last = (ref, volume)
+        for earlier in owed:
+            yield earlier, ref, volume
+        owed.clear()
+        yield position, ref, volume
+    if owed:
+        raise StoreError(f"none of the {len(owed)} volumes this worker was given could be read (see the log)")
+
+
+# ---------------------------------------------------------------------------------------------- cropping
+def crop_volumes(
+    loaded: Iterable[tuple[int, VolumeRef, Volume]],
+    *,
+    patch_size: tuple[int, int, int],
+    crops_per_volume: int,
+    foreground_bias: float,
+    seed: int,
+    epoch: int,
+    rank: int,
+    worker: int,
+) -> Iterator[tuple[str, Volume, np.ndarray]]:
+    """Place `crops_per_volume` patches in each volume read (a read costs ~all of a 160^3 patch's time).
+
+    Yields (volume id, volume, origin); the voxels are copied once, by `batches`. Each crop is uniform
+    over all positions, or, with probability `foreground_bias`, centred on a uniformly drawn anatomy
+    voxel. The generator for a volume is seeded by its slot, so a resumed run that skips slots without
+    reading them still draws the same crops for the rest.
+    """
+    for position, ref, volume in loaded:
+        rng = np.random.default_rng([seed, epoch, rank, worker, position, CROP_STREAM])
+        for _ in range(crops_per_volume):
+            yield ref.id, volume, crop_origin(volume.anatomy, patch_size, foreground_bias, rng)
+
+
+def crop_origin(
+    anatomy: np.ndarray, patch_size: tuple[int, int, int], foreground_bias: float, rng: np.random.Generator
+) -> np.ndarray:
+    """The patch's first voxel in volume coordinates; negative where the volume is smaller than the patch."""
+    shape = np.array(anatomy.shape)
+    size = np.array(patch_size)
+    low, high = np.minimum(0, shape - size), np.maximum(0, shape - size)
+    centre = _anatomy_voxel(anatomy, rng) if rng.random() < foreground_bias else None
+    if centre is None:
+        return rng.integers(low, high + 1)
+    return np.clip(centre - size // 2, low, high)
+
+
+def _anatomy_voxel(anatomy: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """A uniformly drawn anatomy voxel: rejection sampling (stored volumes are cropped to the anatomy,
+    so most draws hit), then the full list for a sparse mask; None if the mask is empty."""
+    flat = anatomy.reshape(-1)
+    candidates = rng.integers(flat.size, size=_FOREGROUND_TRIES)
+    hits = candidates[flat[candidates] != 0]
+    if hits.size:
+        return np.array(np.unravel_index(hits[0], anatomy.shape))
+    inside = np.flatnonzero(flat)
+    if inside.size == 0:
+        return None
+    return np.array(np.unravel_index(inside[rng.integers(inside.size)], anatomy.shape))
+
+
+def batches(
+    crops: Iterable[tuple[str, Volume, np.ndarray]], *, batch_size: int, patch_size: tuple[int, int, int]
+) -> Iterator[dict[str, Any]]:
+    """Copy each group of `batch_size` crops straight into batch tensors (the last group may be smaller).
+
+    In a DataLoader worker the tensors live in shared memory from the start, as torch's default_collate
+    does, so every voxel is written once on its way to the main process (a per-patch array and a stack
+    cost ~40% more CPU at 160^3). Outside the volume the image is 0 and `valid` is 0.
+    """
+    crops = iter(crops)
+    while group := list(itertools.islice(crops, batch_size)):
+        shape = (len(group), 1, *patch_size)
+        batch = {name: _batch_tensor(shape, dtype) for name, dtype in _BATCH_ARRAYS}
+        arrays = {name: tensor.numpy() for name, tensor in batch.items()}
+        for i, (_, volume, origin) in enumerate(group):
+            src, dst = _overlap(origin, patch_size, volume.image.shape)
+            for name, source in (("image", volume.image), ("anatomy", volume.anatomy), ("deface", volume.deface)):
+                _paste(arrays[name][i, 0], source[src], dst)
+            _paste(arrays["valid"][i, 0], 1, dst)
+        batch["id"] = [volume_id for volume_id, _, _ in group]
+        batch["origin"] = torch.from_numpy(np.stack([origin for _, _, origin in group]).astype(np.int64))
+        yield batch
+
+
+_BATCH_ARRAYS = (("image", torch.float16), ("anatomy", torch.uint8), ("deface", torch.uint8), ("valid", torch.uint8))
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
+
+
+def _overlap(
+    origin: np.ndarray, patch_size: tuple[int, int, int], shape: tuple[int, ...]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """The part of the patch inside the volume, as (volume slices, patch slices)."""
+    src = tuple(slice(max(int(o), 0), min(int(o) + p, d)) for o, p, d in zip(origin, patch_size, shape, strict=True))
+    dst = tuple(slice(s.start - int(o), s.stop - int(o)) for s, o in zip(src, origin, strict=True))
+    return src, dst
+
+
+def _paste(out: np.ndarray, values: np.ndarray | int, dst: tuple[slice, ...]) -> None:
+    """Write `values` into the box `dst` of `out` and zero the rest (only the slabs around the box)."""
+    out[dst] = values
+    for axis, box in enumerate(dst):
+        before, after = [slice(None)] * 3, [slice(None)] * 3
+        before[axis], after[axis] = slice(0, box.start), slice(box.stop, None)
+        out[tuple(before)] = 0
+        out[tuple(after)] = 0
+
+
+# ---------------------------------------------------------------------------------------------- threads
+def in_background(items: Iterable[T], *, depth: int) -> Iterator[T]:
+    """Run an iterator on a thread, `depth` items ahead, so network reads overlap decoding and cropping.
+
+    Order is kept; an error on the thread is raised here; closing this generator stops the thread.
+    """
+    buffer: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not _put(buffer, ("item", item), stop):
+                    return
+            _put(buffer, ("end", None), stop)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            _put(buffer, ("error", e), stop)
+        finally:
+            if hasattr(items, "close"):  # a generator stopped early: close its files on this thread
+                items.close()
+
+    thread = threading.Thread(target=produce, name="shard-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = buffer.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _put(buffer: queue.Queue, entry: tuple[str, Any], stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            buffer.put(entry, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False

@@ -1,0 +1,329 @@
+"""PatchDataset / make_loader on real Zarr and tar stores: splitting under torchrun, resume, padding,
+foreground bias, errors, determinism. Small MNI-derived volumes with 32^3 patches keep it fast; one test
+reads 160^3 patches from the converted demo corpus."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from loader_helpers import PATCH, SETTINGS_HASH, mni_volumes, rewrite_manifest, write_store
+from nibabel.testing import data_path
+
+from openmind_tools.errors import ConfigError, StoreError
+from openmind_tools.loader import PatchDataset, make_loader
+from openmind_tools.loader_stages import (
+    VolumeRef,
+    crop_volumes,
+    read_volumes,
+    shuffle_by_bytes,
+    split_by_rank,
+    split_by_worker,
+    wrap_to_multiple,
+)
+from openmind_tools.volume import Volume
+
+STORES = ["zarr", "wds"]
+
+
+@pytest.fixture(scope="module")
+def store16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 volumes in 3 tar shards (6/5/5): 4 rank x worker slots split shards in the middle."""
+    return write_store(tmp_path_factory.mktemp("store16"), mni_volumes(16)).parent
+
+
+@pytest.fixture(scope="module")
+def store18(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """18 volumes: 4 slots need 2 volumes repeated to give every rank the same number of steps."""
+    return write_store(tmp_path_factory.mktemp("store18"), mni_volumes(18, seed=1), shards=2).parent
+
+
+def run_epoch(loader, epoch: int | None = None) -> list[dict]:
+    if epoch is not None:
+        loader.set_epoch(epoch)
+    return [batch for batch in loader]
+
+
+def assert_same_batches(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert a["id"] == b["id"]
+        for key in ("image", "anatomy", "deface", "valid", "origin"):
+            assert torch.equal(a[key], b[key]), key
+
+
+def ids_of(batches: list[dict]) -> list[str]:
+    return [i for batch in batches for i in batch["id"]]
+
+
+# ---------------------------------------------------------------------------------------------- splitting
+def test_split_stages_partition_a_padded_list() -> None:
+    volumes = list(range(18))
+    padded = list(wrap_to_multiple(volumes, multiple=4))
+    parts = [
+        list(split_by_worker(split_by_rank(padded, rank=r, world_size=2), worker=w, num_workers=2))
+        for r in range(2)
+        for w in range(2)
+    ]
+    assert [len(p) for p in parts] == [5, 5, 5, 5]
+    assert sorted(i for p in parts for i in p) == sorted(volumes + [0, 1])
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_two_workers_cover_each_volume_once(store16: Path, store18: Path, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = [f"{m}:{s}" for m in (store16 / "manifest.parquet", store18 / "manifest.parquet") for s in STORES]
+    script = Path(__file__).with_name("torchrun_split.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={port}", str(script), str(tmp_path), "2", *runs]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 0, done.stderr[:6000]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for index, run in enumerate(runs):
+        manifest, store = run.rsplit(":", 1)
+        expected = set(pd.read_parquet(manifest)["id"])
+        per_rank = [rank["runs"][index] for rank in ranks]
+        for epoch in range(2):
+            steps = [len(r["epochs"][epoch]) for r in per_rank]
+            assert steps[0] == steps[1] == per_rank[0]["len"], (run, steps)
+            counts = Counter(i for r in per_rank for batch in r["epochs"][epoch] for i in batch)
+            assert set(counts) == expected, run
+            reads = Counter(n // 2 for n in counts.values())  # 2 crops per volume read
+            # 16 volumes fill 2 ranks x 2 workers evenly; 18 are padded to 20 by reading 2 twice
+            assert reads == ({1: 16} if len(expected) == 16 else {1: 16, 2: 2}), (run, reads)
+        assert per_rank[0]["epochs"][0] != per_rank[0]["epochs"][1], "set_epoch must change the order"
+
+
+# ---------------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize(("store", "workers"), [("zarr", 2), ("wds", 2), ("wds", 0)])
+def test_resume_continues_with_the_same_batches(store16: Path, store: str, workers: int) -> None:
+    def loader():
+        dataset = PatchDataset(store16 / "manifest.parquet", PATCH, store=store, crops_per_volume=2,
+                               foreground_bias=0.5, seed=3, shuffle_bytes=200_000)  # fmt: skip
+        return make_loader(dataset, batch_size=3, num_workers=workers)
+
+    reference = loader()
+    expected = run_epoch(reference) + run_epoch(reference)
+    reference.close()
+    stop = 5  # not a multiple of the worker count: resumed workers take each other's turns
+    first = loader()
+    for seen, _ in enumerate(first, start=1):
+        if seen == stop:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # a plain dict, as a checkpoint stores it
+    first.close()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert_same_batches(run_epoch(resumed) + run_epoch(resumed), expected[stop:])
+    resumed.close()
+
+
+def test_load_state_dict_names_what_differs(store16: Path) -> None:
+    dataset = PatchDataset(store16 / "manifest.parquet", PATCH, seed=0)
+    state = make_loader(dataset, batch_size=2).state_dict()
+    other = make_loader(PatchDataset(store16 / "manifest.parquet", PATCH, seed=1), batch_size=2)
+    with pytest.raises(ConfigError, match="found seed=0 instead of 1"):
+        other.load_state_dict(state)
+    with pytest.raises(ConfigError, match="found num_workers=0 instead of 2"):
+        make_loader(dataset, batch_size=2, num_workers=2).load_state_dict(state)
+    with pytest.raises(ConfigError, match="missing keys \\['volumes'\\]"):
+        dataset.load_state_dict({k: v for k, v in state.items() if k not in ("volumes", "num_workers")})
+
+
+# ---------------------------------------------------------------------------------------------- crops
+@pytest.mark.parametrize("store", STORES)
+def test_volume_smaller_than_patch_is_zero_padded_with_exact_valid_mask(tmp_path: Path, store: str) -> None:
+    data = np.asarray(nib.load(data_path / "anatomical.nii").dataobj, dtype=np.float32)  # (33, 41, 25)
+    image = ((data - data.mean()) / data.std()).astype(np.float16)
+    image[image == 0] = 1  # so that "zero" can only mean padding
+    volume = Volume(image=image, anatomy=(data > data.mean()).astype(np.uint8), deface=np.ones_like(data, np.uint8))
+    manifest = write_store(tmp_path, {"ds000001/sub-01/anat/sub-01_T1w": volume}, shards=1)
+    patch = (48, 40, 32)  # padded along x and z, cropped along y
+    dataset = PatchDataset(manifest, patch, store=store, crops_per_volume=6, seed=0)
+    (batch,) = run_epoch(make_loader(dataset, batch_size=6, num_workers=1))  # shared-memory batches
+    assert batch["image"].shape == (6, 1, *patch) and batch["image"].dtype == torch.float16
+    size = np.array(patch)
+    canvas = {}  # independent oracle: the volume placed on a zero canvas one patch away from each border
+    for name, array in (("image", image), ("anatomy", volume.anatomy), ("deface", volume.deface),
+                        ("valid", np.ones_like(volume.anatomy))):  # fmt: skip
+        canvas[name] = np.pad(array, [(p, p) for p in patch])
+    for i, origin in enumerate(batch["origin"].numpy()):
+        assert np.all(origin >= np.minimum(0, np.array(image.shape) - size))
+        box = tuple(slice(o + p, o + 2 * p) for o, p in zip(origin, patch, strict=True))
+        for name in canvas:
+            np.testing.assert_array_equal(batch[name][i, 0].numpy(), canvas[name][box], err_msg=name)
+        assert int(batch["valid"][i].sum()) == 33 * 40 * 25
+        assert float(batch["image"][i][batch["valid"][i] == 0].abs().sum()) == 0
+
+
+def test_foreground_bias_centres_crops_in_the_anatomy() -> None:
+    volume = max(mni_volumes(40, seed=9).values(), key=lambda v: v.image.size)  # ~45^3
+    anatomy = np.zeros_like(volume.anatomy)
+    inner = (slice(18, 24),) * 3  # a small region where no crop centred on it clips at the border
+    anatomy[inner] = volume.anatomy[inner]
+    volume = Volume(volume.image, anatomy, volume.deface)
+    ref = VolumeRef("v", volume.image.shape, None, None, None)
+
+    def inside_rate(bias: float) -> float:
+        crops = crop_volumes([(0, ref, volume)], patch_size=(PATCH,) * 3, crops_per_volume=2000,
+                             foreground_bias=bias, seed=0, epoch=0, rank=0, worker=0)  # fmt: skip
+        centres = np.array([origin + PATCH // 2 for _, _, origin in crops])
+        return float(anatomy[tuple(centres.T)].mean())
+
+    uniform = inside_rate(0.0)
+    assert uniform < 0.5
+    assert inside_rate(1.0) == 1.0
+    expected, spread = 0.7 + 0.3 * uniform, 4 * np.sqrt(0.25 / 2000)
+    assert expected - spread <= inside_rate(0.7) <= expected + spread
+
+
+# ---------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("store", STORES)
+def test_missing_sample_raises_naming_the_volume_and_the_store(store16: Path, tmp_path: Path, store: str) -> None:
+    ghost = "ds999999/sub-99/anat/sub-99_T1w"
+    row = {"id": ghost, "dataset": "ds999999", "modality": "T1w", "shape": [30, 30, 30],
+           "settings_hash": SETTINGS_HASH, "zarr_store": "store.zarr", "wds_shard": "shards/shard-000001.tar",
+           "wds_key": ghost}  # fmt: skip
+    manifest = rewrite_manifest(store16 / "manifest.parquet", store16 / f"ghost-{store}.parquet", extra_rows=[row])
+    dataset = PatchDataset(manifest, PATCH, store=store, seed=0)
+    where = "store.zarr/volumes/" + ghost if store == "zarr" else "shards/shard-000001.tar"
+    with pytest.raises(StoreError, match=f"{ghost}.*{where}"):
+        run_epoch(make_loader(dataset, batch_size=4, num_workers=1))
+
+
+def test_skip_policy_fills_the_slot_and_keeps_the_step_count(
+    store16: Path, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(store16, store)
+    lost = sorted(pd.read_parquet(store / "manifest.parquet")["id"])[5]
+    shutil.rmtree(store / "store.zarr" / "volumes" / lost)
+    loader = make_loader(PatchDataset(store / "manifest.parquet", PATCH, on_error="skip"), batch_size=4)
+    with caplog.at_level(logging.ERROR):
+        ids = ids_of(run_epoch(loader))
+    assert len(ids) == 16 and lost not in ids
+    assert lost in caplog.text
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_store_from_other_settings_is_refused(store16: Path, store: str) -> None:
+    manifest = rewrite_manifest(store16 / "manifest.parquet", store16 / f"other-{store}.parquet",
+                                change={"settings_hash": "0123456789abcdef"})  # fmt: skip
+    with pytest.raises(StoreError, match=f"settings_hash {SETTINGS_HASH}.*0123456789abcdef"):
+        run_epoch(make_loader(PatchDataset(manifest, PATCH, store=store), batch_size=4))
+
+
+def test_manifest_without_the_store_column_is_refused(store16: Path) -> None:
+    rows = pd.read_parquet(store16 / "manifest.parquet").drop(columns=["wds_shard"])
+    with pytest.raises(ConfigError, match="no column.*wds_shard"):
+        PatchDataset(rows, PATCH, store="wds", root=store16)
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("store", STORES)
+def test_same_seed_same_batches_other_seed_or_epoch_other_batches(store16: Path, store: str) -> None:
+    def epoch(seed: int, number: int) -> list[dict]:
+        dataset = PatchDataset(store16 / "manifest.parquet", PATCH, store=store, crops_per_volume=2, seed=seed,
+                               foreground_bias=0.5, shuffle_bytes=100_000)  # fmt: skip
+        return run_epoch(make_loader(dataset, batch_size=4), number)
+
+    first = epoch(0, 0)
+    assert_same_batches(epoch(0, 0), first)
+    for other in (epoch(1, 0), epoch(0, 1)):
+        assert ids_of(other) != ids_of(first)
+        assert sorted(ids_of(other)) == sorted(ids_of(first))
+
+
+def test_shuffle_buffer_is_bounded_in_bytes() -> None:
+    sizes = [5, 1, 30, 2, 8, 8, 1, 40, 3, 3] * 3
+    held, peak = [], 0
+
+    def nbytes(item: int) -> int:
+        return sizes[item]
+
+    def source():
+        for i in range(len(sizes)):
+            held.append(i)
+            yield i
+
+    out = []
+    for item in shuffle_by_bytes(source(), max_bytes=20, nbytes=nbytes, rng=np.random.default_rng(0)):
+        out.append(item)
+        buffered = [i for i in held if i not in out]
+        peak = max(peak, sum(sizes[i] for i in buffered) - max(sizes[i] for i in buffered) if buffered else 0)
+    assert sorted(out) == list(range(len(sizes))) and out != sorted(out)
+    assert peak <= 20
+
+
+# ---------------------------------------------------------------------------------------------- retries
+class FlakyFS:
+    """A filesystem whose first reads fail like a dropped connection; counts every call."""
+
+    def __init__(self, failures: int, error: type[OSError] = ConnectionResetError) -> None:
+        self.failures, self.error, self.calls = failures, error, 0
+
+    def cat_file(self, path: str) -> bytes:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error(f"injected failure {self.calls} for {path}")
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def test_transient_read_errors_are_retried_missing_objects_are_not(store16: Path) -> None:
+    rows = pd.read_parquet(store16 / "manifest.parquet")
+    ref = VolumeRef(rows["id"][0], tuple(rows["shape"][0]), str(store16 / "store.zarr"), None, None)
+    flaky = FlakyFS(failures=2)
+    ((_, _, volume),) = read_volumes([(0, ref)], fs=flaky, prefetch=1, attempts=3, backoff_s=0.01)
+    assert isinstance(volume, Volume) and flaky.calls == 3
+    gone = FlakyFS(failures=9, error=FileNotFoundError)
+    ((_, _, error),) = read_volumes([(0, ref)], fs=gone, prefetch=1, attempts=3, backoff_s=0.01)
+    assert isinstance(error, StoreError) and ref.id in str(error) and gone.calls == 1
+    down = FlakyFS(failures=9)
+    ((_, _, error),) = read_volumes([(0, ref)], fs=down, prefetch=1, attempts=3, backoff_s=0.01)
+    assert isinstance(error, StoreError) and "ConnectionResetError" in str(error) and down.calls == 3
+
+
+# ---------------------------------------------------------------------------------------------- demo corpus
+def test_160_patches_from_the_converted_demo_corpus(demo_out: Path) -> None:
+    manifest = demo_out / "manifest.parquet"
+    rows = pd.read_parquet(manifest).set_index("id")
+    t1 = rows[rows["modality"] == "T1w"]
+    for store in STORES:
+        dataset = PatchDataset(manifest, 160, store=store, crops_per_volume=2, foreground_bias=0.9, modality="T1w")
+        loader = make_loader(dataset, batch_size=4, num_workers=2)
+        batches = run_epoch(loader)
+        loader.close()
+        assert batches[0]["image"].shape == (4, 1, 160, 160, 160) and batches[0]["anatomy"].dtype == torch.uint8
+        assert len(batches) == len(loader) and set(ids_of(batches)) == set(t1.index)
+        for batch in batches:
+            for i, volume_id in enumerate(batch["id"]):
+                assert int(batch["valid"][i].sum()) == np.prod(np.minimum(t1.loc[volume_id, "shape"], 160))
+                assert (batch["anatomy"][i].sum() > 0) == (t1.loc[volume_id, "anatomy_fraction"] > 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_arrive_on_the_device_equal_to_cpu_batches(store16: Path) -> None:
+    def epoch(device: str) -> list[dict]:
+        dataset = PatchDataset(store16 / "manifest.parquet", PATCH, crops_per_volume=2, seed=0)
+        return run_epoch(make_loader(dataset, batch_size=4, num_workers=2, device=device))
+
+    on_gpu = epoch("cuda")
+    assert on_gpu[0]["image"].is_cuda
+    assert_same_batches([{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in on_gpu], epoch("cpu"))
