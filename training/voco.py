@@ -6,7 +6,8 @@ volume overlap with each base crop; the prediction is ReLU(cos) between the stud
 the teacher's base-crop embeddings. Loss = nnssl's `VoCoLoss`: overlap-weighted -log(1 - |y - p|) on overlapping
 pairs + mean p^2 on the others, plus the mean ReLU(cos) between the student's base-crop embeddings (paper eq. 5).
 The teacher is an EMA copy of encoder + head (VoCo v2 `voco_head.py`, momentum 0.9): without a slowly-moving
-target VoCo is reported not to learn on OpenMind with nnssl's settings.
+target VoCo is reported not to learn on OpenMind with nnssl's settings. Embedding = global average pool of the
+encoder bottleneck -> VoCo's 3-layer projection head, which keeps VoCo's BatchNorm1d (see `_Embedder`).
 
 Trainer interface (shared with `training.mae.MAELoss`):
     objective = VoCoLoss(net, ...)               # owns net.encoder, the projection head and the frozen teacher
@@ -116,12 +117,15 @@ class VoCoLoss(nn.Module):
         crops = sample_crops(image.shape[2:], b, generator, self.grid, self.num_random)
         base = extract_crops(image, crops.base_starts.expand(b, -1, -1), crops.crop_size)
         random = extract_crops(image, crops.random_starts, crops.crop_size)
-        # The student embeds base crops too: the regulariser needs them with a gradient.
-        embeddings = self.student(torch.cat([base, random])).float()
-        student_base = embeddings[: base.shape[0]].view(b, -1, embeddings.shape[-1])
-        student_random = embeddings[base.shape[0] :].view(b, self.num_random, -1)
+        # The student embeds base crops too (the regulariser needs them with a gradient); the teacher embeds the
+        # same batch so its head's BatchNorm sees the same statistics, as in VoCo v2, and only its base rows are used.
+        crops_all = torch.cat([base, random])
+        n_base = base.shape[0]
+        embeddings = self.student(crops_all).float()
+        student_base = embeddings[:n_base].view(b, n_base // b, -1)
+        student_random = embeddings[n_base:].view(b, self.num_random, -1)
         with torch.no_grad():
-            teacher_base = self.teacher(base).float().view(b, -1, embeddings.shape[-1])
+            teacher_base = self.teacher(crops_all)[:n_base].float().view(b, n_base // b, -1)
         target = crops.overlaps.to(image.device)
         prediction = _relu_cosine(student_random, teacher_base)  # (B, K, G)
         positive = -(target * torch.log(1 - (target - prediction).abs() + 1e-6)).sum() / target.sum()
@@ -145,10 +149,11 @@ class VoCoLoss(nn.Module):
 
 
 class _Embedder(nn.Module):
-    """Global-average-pooled encoder bottleneck -> VoCo's 3-layer projection MLP.
+    """Global-average-pooled encoder bottleneck -> VoCo's 3-layer projection MLP, with VoCo's BatchNorm1d.
 
-    LayerNorm without affine normalises each embedding on its own (what nnssl's InstanceNorm1d on (N, C) does),
-    so an embedding does not depend on which other crops share the batch, unlike VoCo's BatchNorm1d.
+    BatchNorm over the crops of a batch removes the component all embeddings share. With a per-embedding norm
+    instead (LayerNorm, or nnssl's InstanceNorm1d on (N, C), which acts the same), SGD + the EMA teacher collapsed
+    every embedding onto one direction in our CPU runs (notes/training_objectives.md); with BatchNorm it did not.
     """
 
     def __init__(self, encoder: ResidualEncoder, hidden_dim: int, out_dim: int) -> None:
@@ -156,10 +161,10 @@ class _Embedder(nn.Module):
         self.encoder = encoder
         self.head = nn.Sequential(
             nn.Linear(encoder.output_channels[-1], hidden_dim),
-            nn.LayerNorm(hidden_dim, elementwise_affine=False),
+            nn.BatchNorm1d(hidden_dim, affine=False, track_running_stats=False),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, hidden_dim),
-            nn.LayerNorm(hidden_dim, elementwise_affine=False),
+            nn.BatchNorm1d(hidden_dim, affine=False, track_running_stats=False),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),
         )
