@@ -39,7 +39,7 @@ class Summary:
     failed: int
     skipped: int  # already in the journal from an earlier run
     source_bytes: int
-    stored_bytes: int
+    stored_bytes: dict[str, int]  # per store: zarr, wds
     seconds: float
     out: Path
 
@@ -47,8 +47,11 @@ class Summary:
         rate = (self.converted + self.failed - self.skipped) / max(self.seconds, 1e-9)
         text = (
             f"{self.converted} converted, {self.failed} failed, {self.skipped} already done; "
-            f"{self.source_bytes / 1e6:.1f} MB in -> {self.stored_bytes / 1e6:.1f} MB stored "
-            f"({self.stored_bytes / max(self.source_bytes, 1):.2f}x); {self.seconds:.1f} s, {rate:.2f} volumes/s\n"
+            f"{self.source_bytes / 1e6:.1f} MB of NIfTI in -> "
+            + ", ".join(
+                f"{k} {n / 1e6:.1f} MB ({n / max(self.source_bytes, 1):.2f}x)" for k, n in self.stored_bytes.items()
+            )
+            + f"; {self.seconds:.1f} s, {rate:.2f} volumes/s\n"
             f"manifest: {self.out / MANIFEST}"
         )
         if self.failed:
@@ -98,13 +101,13 @@ def convert(
     write_table(errors, out / ERRORS, meta)
     if "zarr" not in formats:
         shutil.rmtree(zarr_root, ignore_errors=True)
-    stored = manifest[[c for c in ("zarr_nbytes", "wds_nbytes") if c in manifest]].sum().sum()
+    stored = {f: int(manifest[f"{f}_nbytes"].sum()) if len(manifest) else 0 for f in formats}
     return Summary(
         converted=len(manifest),
         failed=len(errors),
         skipped=len(corpus.images) - len(todo),
         source_bytes=int(manifest["source_nbytes"].sum()) if len(manifest) else 0,
-        stored_bytes=int(stored),
+        stored_bytes=stored,
         seconds=time.perf_counter() - start,
         out=out,
     )

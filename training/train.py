@@ -14,11 +14,13 @@ import csv
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
@@ -94,36 +96,16 @@ def _run_stage(
                                             **stage.augment}))  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.seed + 104729 * rank + index)
 
-    # model and objective
-    net = PRESETS[cfg.model]()
-    if stage.init_from is not None:
-        start = torch.load(out / f"{stage.init_from}_final.pt", map_location="cpu", weights_only=True)
-        encoder = {k.removeprefix("encoder."): v for k, v in start.items() if k.startswith("encoder.")}
-        net.encoder.load_state_dict(encoder, strict=True)
-    if stage.objective == "voco":
-        objective = VoCoLoss(net, momentum=stage.voco_momentum, hidden_dim=stage.voco_head_dim,
-                             out_dim=stage.voco_head_dim)  # fmt: skip
-    else:
-        objective = MAELoss(net, mask_ratio=stage.mask_ratio, block_size=stage.block_size)
-    objective.to(device)
-    params = [p for p in objective.parameters() if p.requires_grad]
-    if stage.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=0.99, nesterov=True, weight_decay=stage.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _poly_with_warmup(stage.warmup_steps, schedule_steps))
-    model = DDP(objective) if world > 1 else objective
-    model = torch.compile(model) if cfg.compile else model
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )  # bf16 needs no loss scaler
+    init = out / f"{stage.init_from}_final.pt" if stage.init_from is not None else None
+    t = build_trainable(cfg.model, stage, device, world, schedule_steps, init, compile=cfg.compile)
+    autocast = _autocast(device)
 
     # resume
     step = 0
     if state is not None:
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        t.objective.load_state_dict(state["objective"])
+        t.optimizer.load_state_dict(state["optimizer"])
+        t.scheduler.load_state_dict(state["scheduler"])
         augment.load_state_dict(state["augment"][rank])
         loader.load_state_dict(state["loader"][rank])
         generator.set_state(state["generator"][rank])
@@ -133,52 +115,106 @@ def _run_stage(
     # loop
     log = _Log(out / f"{stage.name}_log.csv", stage.name) if master else None
     bar = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not master, unit="step")
-    wait = busy = 0.0
-    losses: list[float] = []
+    wait, steps, since, loss_sum = 0.0, 0, time.perf_counter(), torch.zeros((), device=device)
     while step < total_steps:
         for batch in loader:
-            t0 = time.perf_counter()
             wait += loader.wait_s
-            view = augment(batch["image"], masks=(batch["anatomy"], batch["deface"]))
-            inputs = {"image": view.image.float(), "target": view.target.float(), "anatomy": view.masks[0],
-                      "deface": view.masks[1]}  # fmt: skip
-            with autocast:
-                loss, logs = model(inputs, generator)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            objective.after_step()
-            step += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            busy += time.perf_counter() - t0
+            loss, logs = train_step(t, augment, batch, generator, autocast, stage.grad_clip)
+            step, steps, loss_sum = step + 1, steps + 1, loss_sum + loss.detach()
             if step % cfg.log_every == 0 or step == total_steps:
-                value = float(loss.detach())  # the one host sync per log interval
-                losses.append(value)
-                stall = wait / max(wait + busy, 1e-9)
-                patches_s = cfg.log_every * stage.batch_size * world / max(wait + busy, 1e-9)
+                value = float(loss_sum) / steps  # the interval's mean loss: the one host sync per interval
+                elapsed = time.perf_counter() - since
+                stall, patches_s = wait / elapsed, steps * stage.batch_size * world / elapsed
                 if master:
                     bar.set_postfix(loss=f"{value:.4f}", stall=f"{stall:.1%}", patches_s=f"{patches_s:.1f}")
-                    log.write(step, value, scheduler.get_last_lr()[0], 1e3 * (wait + busy) / cfg.log_every, stall,
-                              patches_s, {k: float(v) for k, v in logs.items()})  # fmt: skip
-                wait = busy = 0.0
+                    log.write(step, value, t.scheduler.get_last_lr()[0], 1e3 * elapsed / steps, stall, patches_s,
+                              {k: float(v) for k, v in logs.items()})  # fmt: skip
+                wait, steps, since, loss_sum = 0.0, 0, time.perf_counter(), torch.zeros((), device=device)
             bar.update()
             if step % cfg.checkpoint_every == 0 or step == total_steps:
-                _checkpoint(out, index, step, objective, optimizer, scheduler, augment, loader, generator, master)
+                _checkpoint(out, index, step, t, augment, loader, generator, master)
             if step == total_steps:
                 break
     bar.close()
     loader.close()
     if master:
-        torch.save(net.state_dict(), out / f"{stage.name}_final.pt")
+        torch.save(t.net.state_dict(), out / f"{stage.name}_final.pt")
         plan = nnssl_pretrain_plan(patch_size=(stage.out_size,) * 3)
-        export_encoder(net, cfg.model, out / f"{stage.name}_encoder.pt", plan)
+        export_encoder(t.net, cfg.model, out / f"{stage.name}_encoder.pt", plan)
         if log.path.exists():  # a stage stopped at step 0 has nothing to plot
             log.plot(out / f"{stage.name}_loss.png")
     if world > 1:
         dist.barrier()
+
+
+@dataclass(frozen=True)
+class Trainable:
+    net: nn.Module  # the plain ResEnc U-Net: what is saved and exported
+    objective: nn.Module  # VoCoLoss or MAELoss owning `net` (and VoCo's head and teacher)
+    model: nn.Module  # the objective as called: DDP- and/or compile-wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[torch.Tensor]
+
+
+def build_trainable(
+    model_name: str,
+    stage: StageConfig,
+    device: torch.device,
+    world: int,
+    schedule_steps: int,
+    init: Path | None = None,
+    compile: bool = False,
+) -> Trainable:
+    """Network, objective, optimizer and schedule of a stage; `init` holds a finished stage's weights."""
+    net = PRESETS[model_name]()
+    if init is not None:
+        start = torch.load(init, map_location="cpu", weights_only=True)
+        encoder = {k.removeprefix("encoder."): v for k, v in start.items() if k.startswith("encoder.")}
+        net.encoder.load_state_dict(encoder, strict=True)
+    if stage.objective == "voco":
+        objective = VoCoLoss(net, momentum=stage.voco_momentum, hidden_dim=stage.voco_head_dim,
+                             out_dim=stage.voco_head_dim)  # fmt: skip
+    else:
+        objective = MAELoss(net, mask_ratio=stage.mask_ratio, block_size=stage.block_size)
+    objective.to(device)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    if stage.optimizer == "sgd":  # nnU-Net / nnssl: nesterov, momentum 0.99
+        optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=0.99, nesterov=True, weight_decay=stage.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _poly_with_warmup(stage.warmup_steps, schedule_steps))
+    model = DDP(objective) if world > 1 else objective
+    model = torch.compile(model) if compile else model
+    return Trainable(net, objective, model, optimizer, scheduler, params)
+
+
+def train_step(
+    t: Trainable,
+    augment: GPUAugment,
+    batch: dict[str, Any],
+    generator: torch.Generator,
+    autocast: contextlib.AbstractContextManager,
+    grad_clip: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Augment on the device, forward under autocast, clip, step; no host sync (the loss stays a tensor)."""
+    view = augment(batch["image"], masks=(batch["anatomy"], batch["deface"]))
+    inputs = {"image": view.image.float(), "target": view.target.float(), "anatomy": view.masks[0],
+              "deface": view.masks[1]}  # fmt: skip
+    with autocast:
+        loss, logs = t.model(inputs, generator)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(t.params, grad_clip)
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scheduler.step()
+    t.objective.after_step()
+    return loss, logs
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 on GPU (no loss scaler needed); full precision on CPU, where bf16 convolutions are slow."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _poly_with_warmup(warmup: int, total: int):
@@ -192,7 +228,7 @@ def _poly_with_warmup(warmup: int, total: int):
     return factor
 
 
-def _checkpoint(out, index, step, objective, optimizer, scheduler, augment, loader, generator, master) -> None:
+def _checkpoint(out, index, step, t: Trainable, augment, loader, generator, master) -> None:
     """Gather every rank's loader/augmentation/RNG state; rank 0 writes the file atomically."""
     local = {"augment": augment.state_dict(), "loader": loader.state_dict(), "generator": generator.get_state(),
              "torch_rng": torch.get_rng_state()}  # fmt: skip
@@ -205,9 +241,9 @@ def _checkpoint(out, index, step, objective, optimizer, scheduler, augment, load
     state = {
         "stage": index,
         "step": step,
-        "objective": objective.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "objective": t.objective.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
         **{key: [g[key] for g in gathered] for key in local},
     }
     tmp = out / f"{CHECKPOINT}.partial"
