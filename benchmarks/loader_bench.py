@@ -79,6 +79,9 @@ def run(work: Path, latency_ms: float, shard_bytes: int) -> list[dict[str, Any]]
     nifti = export_nifti(table, work)
     _warm_page_cache([work / "out", work / "nifti", corpus])
     rows = []
+    for store in ("zarr", "wds"):  # the pipeline alone: no DataLoader worker, no shared memory
+        dataset = PatchDataset(manifest, PATCH, store=store, crops_per_volume=1, foreground_bias=0.9, prefetch=0)
+        rows.append(ours(f"loader {store}, c=1, in-process", dataset, 0))
     for workers in (1, 2):
         for store, crops in (("zarr", 1), ("zarr", 2), ("wds", 1), ("wds", 2)):
             dataset = PatchDataset(manifest, PATCH, store=store, crops_per_volume=crops, foreground_bias=0.9)
@@ -93,20 +96,23 @@ def run(work: Path, latency_ms: float, shard_bytes: int) -> list[dict[str, Any]]
 
 # ---------------------------------------------------------------------------------------------- measuring
 class Counters:
-    """CPU seconds (user + system) and bytes read (rchar) of this process and its live children."""
+    """CPU seconds (user + system) of this process and of its live children, and their bytes read (rchar)."""
 
     def __init__(self) -> None:
-        self.cpu = self.read = 0.0
+        self.main = self.workers = self.read = 0.0
 
     @classmethod
     def now(cls) -> Counters:
-        counters = cls()
-        for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        counters, me = cls(), psutil.Process()
+        for process in [me, *me.children(recursive=True)]:
             try:
                 times, io = process.cpu_times(), process.io_counters()
             except psutil.NoSuchProcess:
                 continue
-            counters.cpu += times.user + times.system
+            if process.pid == me.pid:
+                counters.main += times.user + times.system
+            else:
+                counters.workers += times.user + times.system
             counters.read += io.read_chars
         return counters
 
@@ -130,7 +136,9 @@ def measure(
     wall, end = time.perf_counter() - wall0, Counters.now()
     close()
     read = nbytes if nbytes is not None else (end.read - start.read) / patches
-    row = {"what": name, "workers": workers, "patches": patches, "cpu_ms": 1e3 * (end.cpu - start.cpu) / patches}
+    main, in_workers = (end.main - start.main) / patches, (end.workers - start.workers) / patches
+    row = {"what": name, "workers": workers, "patches": patches, "cpu_ms": 1e3 * (main + in_workers)}
+    row |= {"main_ms": 1e3 * main}
     row |= {"wall_ms": 1e3 * wall / patches, "per_s": patches / wall, "read_mb": read / 1e6}
     print(f"{name:40s} {workers} workers: {row['cpu_ms']:.1f} ms CPU/patch, {row['per_s']:.1f} patches/s", flush=True)
     return row
@@ -282,13 +290,13 @@ def print_table(rows: list[dict], latency_ms: float) -> None:
     patch_mb = PATCH**3 * STORED_BYTES_PER_VOXEL / 1e6
     print(f"\n{PATCH}^3 patches, batch {BATCH}; patch bytes = {patch_mb:.1f} MB (float16 image + uint8 mask "
           f"code); CPU x = NIfTI CPU / row CPU at the same worker count; S3 latency {latency_ms:.0f} ms\n")  # fmt: skip
-    print("| what | workers | patches | CPU ms/patch | CPU x vs NIfTI | wall ms/patch | patches/s | read MB/patch "
-          "| read / patch bytes |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| what | workers | patches | CPU ms/patch | of which main | CPU x vs NIfTI | wall ms/patch | patches/s "
+          "| read MB/patch | read / patch bytes |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in df.sort_values(["workers", "what"], kind="stable").itertuples():
-        ratio = nifti.get(r.workers, np.nan) / r.cpu_ms
-        print(f"| {r.what} | {r.workers} | {r.patches} | {r.cpu_ms:.1f} | {ratio:.1f}x | {r.wall_ms:.1f} "
-              f"| {r.per_s:.1f} | {r.read_mb:.1f} | {r.read_mb / patch_mb:.2f} |")  # fmt: skip
+        ratio = f"{nifti[r.workers] / r.cpu_ms:.1f}x" if r.workers in nifti else "-"
+        print(f"| {r.what} | {r.workers} | {r.patches} | {r.cpu_ms:.1f} | {r.main_ms:.1f} | {ratio} "
+              f"| {r.wall_ms:.1f} | {r.per_s:.1f} | {r.read_mb:.1f} | {r.read_mb / patch_mb:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 One epoch = every selected volume read once per rank group, split by rank (torchrun's RANK/WORLD_SIZE)
 then by DataLoader worker, `crops_per_volume` patches per read, because a 160^3 patch is nearly a whole
-1 mm head and the read + decode is the cost. Batches are dicts: image (B, 1, P, P, P) float16,
+1 mm head and the read + decode is the cost. PatchLoader batches are dicts: image (B, 1, P, P, P) float16,
 anatomy/deface/valid (B, 1, P, P, P) uint8, origin (B, 3) int64 (the patch's first voxel in the stored
 volume, negative where padded), id (list of B volume ids). `make_loader` wraps a torch DataLoader and
 copies each batch to the device on a side CUDA stream one batch ahead. docs: notes/loader.md.
@@ -44,6 +44,7 @@ from openmind_tools.loader_stages import (
     shuffled,
     split_by_rank,
     split_by_worker,
+    unpack_masks,
     with_retries,
     wrap_to_multiple,
 )
@@ -65,7 +66,8 @@ class PatchDataset(IterableDataset):
     storage. `on_error="skip"` replaces an unreadable volume (see `replace_failures`) instead of stopping.
     `shuffle_bytes` bounds each worker's tar-sample shuffle buffer; `prefetch` is the number of volumes
     each worker reads ahead on threads. `rank`/`world_size` default to torchrun's environment.
-    Iterating yields batches of the position's batch size (`make_loader` sets it; 1 by default).
+    Iterating yields batches of the position's batch size (`make_loader` sets it; 1 by default) with the
+    masks still packed in one uint8 code ("masks"; `loader_stages.unpack_masks` splits it).
     """
 
     def __init__(
@@ -296,10 +298,12 @@ class PatchLoader:
             self.loader._iterator = None
 
     def _to_device(self, batch: dict[str, Any] | None) -> dict[str, Any] | None:
-        if batch is None or self.device.type == "cpu":
-            return batch
+        """Start the batch's copy (and the split of its mask code) on the side stream; CPU: split here."""
+        if batch is None or self._stream is None:
+            return None if batch is None else unpack_masks(batch)
         with torch.cuda.stream(self._stream):
-            return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            moved = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            return unpack_masks(moved)
 
     def _ready(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Make the caller's stream wait for the copy, and keep the memory alive for that stream."""

@@ -206,6 +206,17 @@ def test_missing_sample_raises_naming_the_volume_and_the_store(store16: Path, tm
         run_epoch(make_loader(dataset, batch_size=4, num_workers=1))
 
 
+def test_truncated_shard_names_the_lost_volumes(store16: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(store16, store)
+    shard = store / "shards" / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    rows = pd.read_parquet(store / "manifest.parquet")
+    lost = sorted(rows.loc[rows["wds_shard"] == "shards/shard-000001.tar", "id"])[-1]
+    with pytest.raises(StoreError, match=f"{lost}.*shard-000001.tar broke off"):
+        run_epoch(make_loader(PatchDataset(store / "manifest.parquet", PATCH, store="wds"), batch_size=4))
+
+
 def test_skip_policy_fills_the_slot_and_keeps_the_step_count(
     store16: Path, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
