@@ -118,7 +118,7 @@ def layouts(corpus_root: Path, work: Path) -> str:
     ours = zarr_store.open_volume(work / "ours", "v")
     zstd = _array(work / "zstd", packed, BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
     image_only = _array(work / "separate" / "image", volume.image, lz4)
-    mask_only = _array(work / "separate" / "mask", volume.mask_code(), lz4)
+    mask_only = _array(work / "separate" / "mask", volume.mask_code, lz4)
     sharded = _array(work / "sharded", packed, lz4, inner=(2, 64, 64, 64))
     both = (slice(None), *patch)
 

@@ -177,7 +177,7 @@ def export_nifti(table: pd.DataFrame, work: Path) -> list[tuple[Path, Path]]:
         affine = np.stack(row.affine).astype(float)
         image, masks = Path(f"{base}_image.nii.gz"), Path(f"{base}_masks.nii.gz")
         nib.save(nib.Nifti1Image(volume.image.astype(np.float32), affine), image)
-        code = (volume.anatomy | (volume.deface << 1)).astype(np.uint8)
+        code = volume.mask_code
         nib.save(nib.Nifti1Image(code, affine), masks)
         out.append((image, masks))
     return out

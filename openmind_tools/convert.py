@@ -31,6 +31,7 @@ from openmind_tools.preprocess import PreprocessSettings, preprocess
 FORMATS = ("zarr", "wds")
 ZARR_DIR, STAGING_DIR, JOURNAL, RUN_FILE = "store.zarr", ".staging.zarr", ".journal.jsonl", ".run.json"
 MANIFEST, ERRORS = "manifest.parquet", "errors.parquet"
+_SAMPLE_JSON = ("id", "affine", "spacing", "settings_hash")  # manifest fields copied into each tar sample
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def convert(
             _pack_shards(out, zarr_root, [done[i] for i in ok], journal.shards, shard_bytes, client, progress, log)
 
     records = [done[img.id] for img in corpus.images]
-    manifest = _manifest(corpus, [r for r in records if r["status"] == "ok"], formats, settings, out)
+    manifest = _manifest(corpus, [r for r in records if r["status"] == "ok"], formats, out)
     errors = _errors([r for r in records if r["status"] == "error"], corpus.duplicates)
     meta = {"settings": settings.to_dict(), "settings_hash": settings.digest(), "formats": list(formats)}
     write_table(manifest, out / MANIFEST, meta)
@@ -119,16 +120,14 @@ def _convert_one(image: SourceImage, zarr_root: str, settings: PreprocessSetting
     numcodecs.blosc.set_nthreads(1)
     try:
         result = preprocess(image.image, image.anatomy_mask, image.deface_mask, settings)
-        attrs = {"id": image.id, "settings_hash": settings.digest(), "affine": result.meta["affine"]}
-        nbytes = zarr_store.write_volume(zarr_root, image.id, result.volume, attrs)
+        record = {"id": image.id, "status": "ok", **result.meta, "settings_hash": settings.digest()}
+        nbytes = zarr_store.write_volume(zarr_root, image.id, result.volume, {k: record[k] for k in _SAMPLE_JSON})
     except InputError as e:
         return _failure(image, type(e).__name__, str(e))
     except Exception as e:  # an unforeseen failure of one input must not stop a 114k-volume run
         return _failure(image, type(e).__name__, f"{image.image}: {type(e).__name__}: {e}")
     return {
-        "id": image.id,
-        "status": "ok",
-        **result.meta,
+        **record,
         "checksum": result.volume.checksum(),
         "source_nbytes": sum(p.stat().st_size for p in (image.image, image.anatomy_mask, image.deface_mask) if p),
         "zarr_nbytes": nbytes,
@@ -165,7 +164,7 @@ def _pack_shards(
         name = wds_store.shard_name(index)
         ids = [r["id"] for r in members]
         if members and not (packed.get(name, {}).get("ids") == ids and (out / name).is_file()):
-            jobs.append((name, [(r["id"], tuple(r["shape"]), r["affine"]) for r in members]))
+            jobs.append((name, [(r["id"], tuple(r["shape"]), {k: r[k] for k in _SAMPLE_JSON}) for r in members]))
     for stale in (out / "shards").glob("*.tar*") if (out / "shards").is_dir() else ():
         if f"shards/{stale.name}" not in {wds_store.shard_name(i) for i in range(len(plan))}:
             stale.unlink()
@@ -174,14 +173,11 @@ def _pack_shards(
 
 
 def _pack_one(
-    job: tuple[str, list[tuple[str, tuple[int, int, int], list]]], out: str, zarr_root: str
+    job: tuple[str, list[tuple[str, tuple[int, int, int], dict[str, Any]]]], out: str, zarr_root: str
 ) -> tuple[str, list[str], list[int]]:
     numcodecs.blosc.set_nthreads(1)
     name, members = job
-    samples = (
-        (vid, zarr_store.read_volume(zarr_root, vid, shape), {"id": vid, "affine": affine})
-        for vid, shape, affine in members
-    )
+    samples = ((vid, zarr_store.read_volume(zarr_root, vid, shape), meta) for vid, shape, meta in members)
     sizes = wds_store.write_shard(Path(out) / name, samples)
     return name, [vid for vid, _, _ in members], list(sizes.values())
 
@@ -254,7 +250,6 @@ def _manifest(
     corpus: Corpus,
     records: list[dict[str, Any]],
     formats: tuple[str, ...],
-    settings: PreprocessSettings,
     out: Path,
 ) -> pd.DataFrame:
     ours = pd.DataFrame(records).drop(columns=["status"], errors="ignore") if records else pd.DataFrame({"id": []})
@@ -263,7 +258,6 @@ def _manifest(
     ours.insert(2, "subject", [images[i].subject for i in ours["id"]])
     ours.insert(3, "session", [images[i].session for i in ours["id"]])
     ours.insert(4, "source_path", [str(images[i].image.relative_to(corpus.root)) for i in ours["id"]])
-    ours["settings_hash"] = settings.digest()
     ours["converter_version"] = __version__
     if "zarr" in formats:
         ours["zarr_store"] = ZARR_DIR

@@ -330,34 +330,37 @@ def crop_volumes(
     for position, ref, volume in loaded:
         rng = np.random.default_rng([seed, epoch, rank, worker, position, CROP_STREAM])
         for _ in range(crops_per_volume):
-            yield ref.id, volume, crop_origin(volume.anatomy, patch_size, foreground_bias, rng)
+            yield ref.id, volume, crop_origin(volume.code, patch_size, foreground_bias, rng)
 
 
 def crop_origin(
-    anatomy: np.ndarray, patch_size: tuple[int, int, int], foreground_bias: float, rng: np.random.Generator
+    code: np.ndarray, patch_size: tuple[int, int, int], foreground_bias: float, rng: np.random.Generator
 ) -> np.ndarray:
-    """The patch's first voxel in volume coordinates; negative where the volume is smaller than the patch."""
-    shape = np.array(anatomy.shape)
+    """The patch's first voxel in volume coordinates; negative where the volume is smaller than the patch.
+
+    `code` is the volume's mask code (bit 0 anatomy), read only at the sampled voxels.
+    """
+    shape = np.array(code.shape)
     size = np.array(patch_size)
     low, high = np.minimum(0, shape - size), np.maximum(0, shape - size)
-    centre = _anatomy_voxel(anatomy, rng) if rng.random() < foreground_bias else None
+    centre = _anatomy_voxel(code, rng) if rng.random() < foreground_bias else None
     if centre is None:
         return rng.integers(low, high + 1)
     return np.clip(centre - size // 2, low, high)
 
 
-def _anatomy_voxel(anatomy: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+def _anatomy_voxel(code: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
     """A uniformly drawn anatomy voxel: rejection sampling (stored volumes are cropped to the anatomy,
     so most draws hit), then the full list for a sparse mask; None if the mask is empty."""
-    flat = anatomy.reshape(-1)
+    flat = code.reshape(-1)
     candidates = rng.integers(flat.size, size=_FOREGROUND_TRIES)
-    hits = candidates[flat[candidates] != 0]
+    hits = candidates[flat[candidates].astype(np.uint8) & 1 != 0]
     if hits.size:
-        return np.array(np.unravel_index(hits[0], anatomy.shape))
-    inside = np.flatnonzero(flat)
+        return np.array(np.unravel_index(hits[0], code.shape))
+    inside = np.flatnonzero(flat.astype(np.uint8) & 1)
     if inside.size == 0:
         return None
-    return np.array(np.unravel_index(inside[rng.integers(inside.size)], anatomy.shape))
+    return np.array(np.unravel_index(inside[rng.integers(inside.size)], code.shape))
 
 
 def batches(
@@ -379,9 +382,8 @@ def batches(
             src, dst = _overlap(origin, patch_size, volume.image.shape)
             image_out, masks_out = image[i, 0].numpy(), masks[i, 0].numpy()
             image_out[dst] = volume.image[src]
-            code, deface = masks_out[dst], volume.deface[src]
-            np.add(deface, deface, out=code)  # deface << 1; numpy's shifts are ~3x slower than an add
-            code |= volume.anatomy[src]
+            code = masks_out[dst]
+            np.copyto(code, volume.code[src], casting="unsafe")  # 0..3 are exact in float16 and uint8
             code |= 1 << MASK_BITS["valid"]
             _zero_outside(image_out, dst)
             _zero_outside(masks_out, dst)

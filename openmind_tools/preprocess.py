@@ -133,7 +133,7 @@ def preprocess(
         "anatomy_fraction": float(anatomy.mean()),
         "deface_fraction": float(deface.mean()),
     }
-    return Preprocessed(Volume(image, anatomy, deface), meta)
+    return Preprocessed(Volume(image, code), meta)
 
 
 def load_nifti(path: str | Path, volume_index: int | None = None) -> nib.Nifti1Image:

@@ -1,14 +1,17 @@
-"""A converted volume as both stores hand it out, its mask code, and its content checksum.
+"""A converted volume as both stores hand it out: the image and one mask code, plus its checksum.
 
-The two binary masks travel as one uint8 code (bit 0 anatomy, bit 1 deface) so a store holds one mask
-array; the checksum covers the decoded arrays, so `verify` compares what a reader would get, whichever
-store (and codec) holds the bytes.
+The two binary masks travel as one code (bit 0 anatomy, bit 1 deface; values 0..3) from preprocessing
+through both stores to the loader's batches, so a store holds one mask array and a reader splits it
+only where it needs to (the loader does so on the device, inside the crop). The code array may be
+uint8 (tar shards) or float16 (the Zarr channel, read without a conversion pass). The checksum covers
+the decoded arrays, so `verify` compares what a reader gets, whichever store and codec hold the bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -16,23 +19,27 @@ import numpy as np
 @dataclass(frozen=True)
 class Volume:
     image: np.ndarray  # (X, Y, Z) float16, z-scored
-    anatomy: np.ndarray  # (X, Y, Z) uint8, 1 = anatomy
-    deface: np.ndarray  # (X, Y, Z) uint8, 1 = defaced region
-
-    def mask_code(self) -> np.ndarray:
-        return (self.anatomy.astype(np.uint8) & 1) | ((self.deface.astype(np.uint8) & 1) << 1)
+    code: np.ndarray  # (X, Y, Z) values 0..3: bit 0 anatomy, bit 1 deface
 
     @classmethod
-    def from_code(cls, image: np.ndarray, code: np.ndarray) -> Volume:
-        code = code.astype(np.uint8, copy=False)
-        return cls(image=image, anatomy=code & 1, deface=(code >> 1) & 1)
+    def from_masks(cls, image: np.ndarray, anatomy: np.ndarray, deface: np.ndarray) -> Volume:
+        return cls(image, (anatomy.astype(np.uint8) & 1) | ((deface.astype(np.uint8) & 1) << 1))
+
+    @cached_property
+    def mask_code(self) -> np.ndarray:
+        """The code as uint8 (a no-op for uint8 codes)."""
+        return self.code.astype(np.uint8, copy=False)
+
+    @property
+    def anatomy(self) -> np.ndarray:
+        return self.mask_code & 1
+
+    @property
+    def deface(self) -> np.ndarray:
+        return (self.mask_code >> 1) & 1
 
     def checksum(self) -> str:
         digest = hashlib.blake2b(digest_size=16)
-        for array in (
-            self.image.astype(np.float16),
-            self.anatomy.astype(np.uint8),
-            self.deface.astype(np.uint8),
-        ):
+        for array in (self.image.astype(np.float16, copy=False), self.mask_code):
             digest.update(np.ascontiguousarray(array).data)
         return digest.hexdigest()

@@ -47,7 +47,7 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, Volume, dict[str,
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for volume_id, volume, meta in samples:
             key = sample_key(volume_id)
-            members = (_npy(volume.image), _npy(volume.mask_code()), json.dumps(meta).encode())
+            members = (_npy(volume.image), _npy(volume.mask_code), json.dumps(meta).encode())
             for ext, payload in zip(MEMBERS, members, strict=True):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mode = len(payload), 0o444
@@ -63,7 +63,7 @@ def decode_sample(sample: dict[str, Any]) -> tuple[str, Volume, dict[str, Any]]:
     if missing:
         raise StoreError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}: missing members {missing}")
     meta = json.loads(sample["json"])
-    return meta["id"], Volume.from_code(_load_npy(sample["image.npy"]), _load_npy(sample["mask.npy"])), meta
+    return meta["id"], Volume(_load_npy(sample["image.npy"]), _load_npy(sample["mask.npy"])), meta
 
 
 def iter_shard(path: str | Path) -> Iterator[tuple[str, Volume, dict[str, Any]]]:

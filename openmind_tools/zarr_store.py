@@ -37,11 +37,11 @@ def array_path(volume_id: str) -> str:
 
 def pack(volume: Volume) -> np.ndarray:
     """The stored (2, X, Y, Z) float16 array: image, then mask code."""
-    return np.stack([volume.image.astype(np.float16), volume.mask_code().astype(np.float16)])
+    return np.stack([volume.image.astype(np.float16), volume.code.astype(np.float16)])
 
 
 def unpack(data: np.ndarray) -> Volume:
-    return Volume.from_code(data[0], data[1])
+    return Volume(data[0], data[1])
 
 
 def write_volume(root: str | Path, volume_id: str, volume: Volume, attrs: dict[str, Any]) -> int:

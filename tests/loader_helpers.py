@@ -37,7 +37,7 @@ def mni_volumes(count: int, seed: int = 0) -> dict[str, Volume]:
         deface = np.zeros(size, dtype=np.uint8)
         deface[:, -4:, :6] = 1
         volume_id = f"ds{i % 3:06d}/sub-{i:02d}/anat/sub-{i:02d}_T1w"
-        volumes[volume_id] = Volume(image=image[box].copy(), anatomy=(gm[box] > 60).astype(np.uint8), deface=deface)
+        volumes[volume_id] = Volume.from_masks(image[box].copy(), (gm[box] > 60).astype(np.uint8), deface)
     return volumes
 
 

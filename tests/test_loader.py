@@ -151,7 +151,7 @@ def test_volume_smaller_than_patch_is_zero_padded_with_exact_valid_mask(tmp_path
     data = np.asarray(nib.load(data_path / "anatomical.nii").dataobj, dtype=np.float32)  # (33, 41, 25)
     image = ((data - data.mean()) / data.std()).astype(np.float16)
     image[image == 0] = 1  # so that "zero" can only mean padding
-    volume = Volume(image=image, anatomy=(data > data.mean()).astype(np.uint8), deface=np.ones_like(data, np.uint8))
+    volume = Volume.from_masks(image, (data > data.mean()).astype(np.uint8), np.ones_like(data, np.uint8))
     manifest = write_store(tmp_path, {"ds000001/sub-01/anat/sub-01_T1w": volume}, shards=1)
     patch = (48, 40, 32)  # padded along x and z, cropped along y
     dataset = PatchDataset(manifest, patch, store=store, crops_per_volume=6, seed=0)
@@ -176,7 +176,7 @@ def test_foreground_bias_centres_crops_in_the_anatomy() -> None:
     anatomy = np.zeros_like(volume.anatomy)
     inner = (slice(18, 24),) * 3  # a small region where no crop centred on it clips at the border
     anatomy[inner] = volume.anatomy[inner]
-    volume = Volume(volume.image, anatomy, volume.deface)
+    volume = Volume.from_masks(volume.image, anatomy, volume.deface)
     ref = VolumeRef("v", volume.image.shape, None, None, None)
 
     def inside_rate(bias: float) -> float:
