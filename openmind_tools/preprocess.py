@@ -29,6 +29,7 @@ from openmind_tools.volume import Volume
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
 _LPS = np.diag([-1.0, -1.0, 1.0])  # ITK's physical space is LPS, NIfTI's is RAS
 _AFFINE_TOL = 1e-3  # mm: how far a mask's geometry may drift from its image's
+_STAT_SAMPLES = 2**17  # fewest region voxels behind the percentiles, mean and std (see _sample)
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,13 @@ def preprocess(
     ornt = nib.orientations.io_orientation(src.affine)  # to the closest RAS axes, as nibabel's canonical
     ras_affine = src.affine @ nib.orientations.inv_ornt_aff(ornt, src.shape[:3])
     data = nib.orientations.apply_orientation(data, ornt)
-    code = masks.get("anatomy", np.uint8(0)) | (masks.get("deface", np.uint8(0)) << 1)  # one nearest resample
-    code = nib.orientations.apply_orientation(np.broadcast_to(code, data.shape).astype(np.uint8), ornt)
+    code = None  # the masks as one code: one nearest-neighbour resample for both
+    if masks:
+        code = masks.get("anatomy", np.uint8(0)) | (masks.get("deface", np.uint8(0)) << 1)
+        code = nib.orientations.apply_orientation(np.broadcast_to(code, data.shape).astype(np.uint8), ornt)
 
     # Crop before resampling: only the box around the anatomy (or the nonzero voxels) is resampled.
-    by_anatomy = settings.crop == "anatomy" and bool((code & 1).any())
+    by_anatomy = settings.crop == "anatomy" and code is not None and bool((code & 1).any())
 
     def foreground(image: np.ndarray, code: np.ndarray) -> np.ndarray | None:
         if settings.crop == "none":
@@ -106,15 +109,19 @@ def preprocess(
 
     region = _output_region(foreground(data, code), data.shape, ras_affine, settings.spacing)
     image, affine = _resample(data, ras_affine, settings.spacing, _INTERPOLATORS[settings.interpolation], region)
-    code = _resample(code, ras_affine, settings.spacing, sitk.sitkNearestNeighbor, region)[0]
+    if code is None:
+        code = np.zeros(image.shape, np.uint8)
+    else:
+        code = _resample(code, ras_affine, settings.spacing, sitk.sitkNearestNeighbor, region)[0]
     box = _bbox(foreground(image, code), image.shape)
     crop = tuple(slice(lo, hi) for lo, hi in box)
     image, code = image[crop], code[crop]
     affine[:3, 3] += affine[:3, :3] @ np.array([lo for lo, _ in box], dtype=np.float64)
     box = [(r0 + lo, r0 + hi) for (r0, _), (lo, hi) in zip(region, box, strict=True)]
+    code = np.ascontiguousarray(code)
     anatomy, deface = code & 1, (code >> 1) & 1
 
-    inside = anatomy.astype(bool) if anatomy.any() else np.ones(image.shape, bool)
+    inside = anatomy.astype(bool) if anatomy.any() else None
     image, stats = _normalise(image, inside, settings.clip_percentiles)
 
     meta = {
@@ -187,17 +194,20 @@ def _load_mask(path: str | Path, image: nib.Nifti1Image, image_path: str | Path)
         raise InputError(f"{path}: mask shape {mask.shape} differs from image {image_path} shape {image.shape[:3]}")
     if not np.allclose(mask.affine, image.affine, atol=_AFFINE_TOL):
         raise InputError(f"{path}: mask affine differs from that of image {image_path}")
+    proxy = mask.dataobj
+    if nib.is_proxy(proxy) and np.issubdtype(proxy.dtype, np.integer) and proxy.slope == 1 and proxy.inter == 0:
+        return (proxy.get_unscaled() > 0).view(np.uint8)  # integer labels: no float copy of the whole mask
     values = mask.get_fdata(dtype=np.float32)
     _check_values(values, path, allow_constant=True)
-    return (values > 0.5).astype(np.uint8)
+    return (values > 0.5).view(np.uint8)
 
 
 def _check_values(data: np.ndarray, path: str | Path, allow_constant: bool = False) -> None:
-    bad = data.size - int(np.isfinite(data).sum())
-    if bad:
-        raise InputError(f"{path}: {bad} NaN/Inf voxels")
-    if not allow_constant and data.min() == data.max():
-        raise InputError(f"{path}: image is constant (every voxel is {float(data.flat[0])})")
+    lo, hi = data.min(), data.max()  # NaN and +-Inf show in the extremes: no extra pass when clean
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise InputError(f"{path}: {data.size - int(np.isfinite(data).sum())} NaN/Inf voxels")
+    if not allow_constant and lo == hi:
+        raise InputError(f"{path}: image is constant (every voxel is {float(lo)})")
 
 
 def _output_region(
@@ -246,13 +256,31 @@ def _bbox(mask: np.ndarray | None, shape: tuple[int, ...]) -> list[tuple[int, in
 
 
 def _normalise(
-    image: np.ndarray, region: np.ndarray, percentiles: tuple[float, float]
+    image: np.ndarray, region: np.ndarray | None, percentiles: tuple[float, float]
 ) -> tuple[np.ndarray, dict[str, float]]:
-    values = image[region]
+    """Clip to the region's percentiles, then z-score with the clipped region's mean and std."""
+    values = _sample(image, region)
     lo, hi = (float(v) for v in np.percentile(values, percentiles))
     clipped = np.clip(values, lo, hi)
     mean, std = float(clipped.mean()), float(clipped.std())
     out = np.clip(image, lo, hi)
     out -= mean
     out /= max(std, 1e-8)
-    return out.astype(np.float16), {"clip_low": lo, "clip_high": hi, "mean": mean, "std": std}
+    # C order here, in the pass that converts anyway: nibabel arrays are Fortran-ordered
+    return out.astype(np.float16, order="C"), {"clip_low": lo, "clip_high": hi, "mean": mean, "std": std}
+
+
+def _sample(image: np.ndarray, region: np.ndarray | None) -> np.ndarray:
+    """The region's values, or a seeded uniform draw of about `_STAT_SAMPLES` of them for a large region.
+
+    A random draw, not a regular lattice: a lattice aliases with upsampled anisotropic acquisitions
+    (every 2nd slice original, the others interpolated), which biased the std by 5% in a test. 2^17 draws
+    pin the [0.5, 99.5] percentiles and the moments to well under a percent of the intensity range at a
+    tenth of the cost of gathering and partially sorting millions of voxels.
+    """
+    n = image.size if region is None else int(np.count_nonzero(region))
+    if n <= 4 * _STAT_SAMPLES:
+        return image.ravel() if region is None else image[region]
+    rng = np.random.default_rng(0)
+    draws = tuple(rng.integers(0, size, int(_STAT_SAMPLES * image.size / n)) for size in image.shape)
+    return image[draws] if region is None else image[draws][region[draws]]
