@@ -14,10 +14,12 @@ import csv
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 from openmind_tools.augment import AugmentSettings, GPUAugment
 from openmind_tools.errors import ConfigError
 from openmind_tools.loader import PatchDataset, make_loader
+from openmind_tools.manifest import EmptyResultWarning, resolve_manifest, write_manifest
 from training.config import RunConfig, StageConfig
 from training.mae import MAELoss
 from training.model import PRESETS, export_encoder, nnssl_pretrain_plan
@@ -49,18 +52,21 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         torch.cuda.set_device(device)
     master = rank == 0
     out = Path(cfg.out)
+    if resume and not (out / CHECKPOINT).is_file():
+        raise ConfigError(f"{out / CHECKPOINT}: nothing to resume")
+    selections = [_select(stage) for stage in cfg.stages]  # an empty stage fails before any training
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+        for stage, (rows, meta) in zip(cfg.stages, selections, strict=True):
+            write_manifest(rows, out / f"{stage.name}_manifest.parquet", meta)  # what this stage trains on
     state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True) if resume else None
-    if resume and state is None:
-        raise ConfigError(f"{out / CHECKPOINT}: nothing to resume")
     try:
         for index, stage in enumerate(cfg.stages):
             if state is not None and index < state["stage"]:
                 continue
             stage_state = state if state is not None and index == state["stage"] else None
-            _run_stage(cfg, index, stage, stage_state, device, rank, world, master, out)
+            _run_stage(cfg, index, stage, selections[index], stage_state, device, rank, world, master, out)
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -71,6 +77,7 @@ def _run_stage(
     cfg: RunConfig,
     index: int,
     stage: StageConfig,
+    selection: tuple[pd.DataFrame, dict[str, Any]],
     state: dict[str, Any] | None,
     device: torch.device,
     rank: int,
@@ -80,14 +87,15 @@ def _run_stage(
 ) -> None:
     torch.manual_seed(cfg.seed + 1000 * index + rank)
     # data (a stage that selects nothing fails here, before the model is built)
+    rows, meta = selection
     dataset = PatchDataset(
-        stage.manifest,
+        rows,
         stage.patch_size,
+        root=meta.get("store_root"),
         store=stage.store,
         crops_per_volume=stage.crops_per_volume,
         foreground_bias=stage.foreground_bias,
         seed=cfg.seed + index,
-        **{k: v for k, v in (("preset", stage.preset), ("min_quality", stage.min_quality)) if v is not None},
     )
     loader = make_loader(dataset, stage.batch_size, num_workers=stage.num_workers, device=device)
     schedule_steps = stage.epochs * len(loader)  # max_steps stops early without changing the schedule
@@ -217,6 +225,19 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _select(stage: StageConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The stage's manifest query, resolved; selecting nothing is a ConfigError naming the stage."""
+    filters = {k: v for k, v in (("preset", stage.preset), ("min_quality", stage.min_quality)) if v is not None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmptyResultWarning)  # turned into the error below
+        rows, meta = resolve_manifest(stage.manifest, **filters)
+    if rows.empty:
+        raise ConfigError(
+            f"stages.{stage.name}: {meta.get('query', 'the manifest')} of {stage.manifest} selects no volume"
+        )
+    return rows, meta
+
+
 def _poly_with_warmup(warmup: int, total: int):
     """Linear warm-up, then nnU-Net's poly decay (1 - t)^0.9."""
 
@@ -272,7 +293,6 @@ class _Log:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import pandas as pd
 
         rows = pd.read_csv(self.path, usecols=["step", "loss"])
         fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -65,4 +65,8 @@ def test_bad_config_fails_before_any_work(demo_out: Path, tmp_path: Path, capsys
     assert "unknown key(s) ['epochz']" in capsys.readouterr().err
     assert main(_args(demo_out, tmp_path / "r", "--stages.mae.block_size=5")) == 2
     assert "not a multiple of block_size" in capsys.readouterr().err
+    empty = json.dumps(f"modality=SWI of {demo_out / 'manifest.parquet'}")  # SWI: an OpenMind modality, absent here
+    assert main([*_args(demo_out, tmp_path / "r"), f"--stages.mae.manifest={empty}"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.mae:" in err and "selects no volume" in err
     assert not (tmp_path / "r").exists()
