@@ -382,8 +382,8 @@ def batches(
             src, dst = _overlap(origin, patch_size, volume.image.shape)
             image_out, masks_out = image[i, 0].numpy(), masks[i, 0].numpy()
             image_out[dst] = volume.image[src]
-            code = masks_out[dst]
-            np.copyto(code, volume.code[src], casting="unsafe")  # 0..3 are exact in float16 and uint8
+            code = masks[i, 0][dst]
+            code.copy_(torch.from_numpy(volume.code[src]))  # float16 -> uint8 (0..3 exact): 2x faster in torch
             code |= 1 << MASK_BITS["valid"]
             _zero_outside(image_out, dst)
             _zero_outside(masks_out, dst)

@@ -91,13 +91,14 @@ def read_volume(
         raw = fs.cat_file(url)
     except FileNotFoundError:
         raise StoreError(f"volume {volume_id}: no chunk at {url}") from None
-    data = np.frombuffer(numcodecs.blosc.decompress(raw), dtype=np.float16)
-    expected = 2 * int(np.prod(shape))
-    if data.size != expected:
+    data = np.empty((2, *shape), np.float16)  # writable, so torch can wrap crops of it without a copy
+    nbytes = int.from_bytes(raw[4:8], "little") if len(raw) >= 16 else -2  # blosc header: uncompressed size
+    if nbytes != data.nbytes:
         raise StoreError(
-            f"volume {volume_id}: {url} holds {data.size} values, the manifest shape {shape} needs {expected}"
+            f"volume {volume_id}: {url} holds {nbytes // 2} values, the manifest shape {shape} needs {data.size}"
         )
-    return unpack(data.reshape(2, *shape))
+    numcodecs.blosc.decompress(raw, data)
+    return unpack(data)
 
 
 def open_volume(root: str | Path, volume_id: str) -> zarr.Array:
