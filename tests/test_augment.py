@@ -280,6 +280,15 @@ def test_preview_cli_writes_a_montage(tmp_path):
     assert pixels.shape[0] >= 1.5 * pixels.shape[1] and pixels[..., :3].std() > 0.1  # 6 rows of 3 slices, not blank
 
 
+def test_preview_cli_reads_a_manifest_query(demo_out, tmp_path):
+    png = tmp_path / "preview.png"
+    query = f"modality=T1w of {demo_out / 'manifest.parquet'}"
+    assert preview_main([query, "-o", str(png), "--n", "2", "--in-size", "64", "--out-size", "48"]) == 0
+    assert imread(png)[..., :3].std() > 0.1
+    with pytest.raises(SystemExit, match="either a MANIFEST or --nifti"):
+        preview_main(["-o", str(png)])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_runs_without_host_sync(mni):

@@ -9,19 +9,28 @@ import torch
 from matplotlib.figure import Figure  # renders with Agg, no pyplot backend or display needed
 from torch import Tensor
 
+from openmind_tools import zarr_store
 from openmind_tools.augment import AugmentSettings, GPUAugment
+from openmind_tools.manifest import resolve_manifest
 
 _VIEWS = ("axial", "coronal", "sagittal")  # slices through the RAS array's S, A and R axes
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.mask and len(args.mask) != len(args.nifti):
-        raise SystemExit(f"--mask: expected one file per --nifti volume ({len(args.nifti)}), got {len(args.mask)}")
+    if (args.manifest is None) == (args.nifti is None):
+        raise SystemExit("openmind-augment-preview: give either a MANIFEST or --nifti FILE ...")
     in_size = (args.in_size,) * 3
-    volumes = [_load(path, in_size) for path in args.nifti]
-    masks = [_half_max(_load(path, in_size)) for path in args.mask] if args.mask else [v > v.mean() for v in volumes]
-    volumes = [_zscore(v) for v in volumes]
+    if args.manifest is not None:
+        volumes, masks = _from_manifest(args.manifest, args.n, in_size)
+    else:
+        if args.mask and len(args.mask) != len(args.nifti):
+            raise SystemExit(f"--mask: expected one file per --nifti volume ({len(args.nifti)}), got {len(args.mask)}")
+        volumes = [_fit(_load(path), in_size) for path in args.nifti]
+        masks = (
+            [_half_max(_fit(_load(p), in_size)) for p in args.mask] if args.mask else [v > v.mean() for v in volumes]
+        )
+        volumes = [_zscore(v) for v in volumes]
     picks = [i % len(volumes) for i in range(args.n)]
     image = torch.from_numpy(np.stack([volumes[i] for i in picks]))[:, None]
     mask = torch.from_numpy(np.stack([masks[i] for i in picks]).astype(np.uint8))[:, None]
@@ -46,9 +55,14 @@ def _parser() -> argparse.ArgumentParser:
         "the augmented input and the intensity-clean target (mid axial/coronal/sagittal slices, mask in red).",
     )
     parser.add_argument(
+        "manifest",
+        nargs="?",
+        help="a manifest written by openmind-convert, or a query such as 'mae8 of out/manifest.parquet': "
+        "its first --n volumes are read from the Zarr store (already preprocessed; anatomy mask in red)",
+    )
+    parser.add_argument(
         "--nifti",
         nargs="+",
-        required=True,
         type=Path,
         metavar="FILE",
         help="NIfTI volumes to augment (reoriented to RAS, z-scored over nonzero voxels)",
@@ -82,9 +96,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: Path, size: tuple[int, int, int]) -> np.ndarray:
-    """Read as RAS float32 and centre crop/pad to `size`."""
-    data = np.asarray(nib.as_closest_canonical(nib.load(path)).get_fdata(dtype=np.float32))
+def _from_manifest(source: str, n: int, size: tuple[int, int, int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The first `n` volumes of a manifest (or query) from its Zarr store, with their anatomy masks."""
+    rows, meta = resolve_manifest(source)
+    if "zarr_store" not in rows or rows.empty:
+        raise SystemExit(
+            f"{source}: no volumes in a Zarr store to preview (convert with --format zarr, or use --nifti)"
+        )
+    volumes, masks = [], []
+    for row in rows.head(n).itertuples():
+        volume = zarr_store.read_volume(f"{meta['store_root']}/{row.zarr_store}", row.id, tuple(row.shape))
+        volumes.append(_fit(volume.image.astype(np.float32), size))
+        masks.append(_fit(volume.anatomy, size) > 0)
+    return volumes, masks
+
+
+def _load(path: Path) -> np.ndarray:
+    """Read as RAS float32."""
+    return np.asarray(nib.as_closest_canonical(nib.load(path)).get_fdata(dtype=np.float32))
+
+
+def _fit(data: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
+    """Centre crop/pad to `size`."""
     out = np.zeros(size, dtype=np.float32)
     src, dst = [], []
     for n, m in zip(data.shape[:3], size, strict=True):
