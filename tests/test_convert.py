@@ -236,15 +236,18 @@ def test_verify_catches_a_single_flipped_byte(demo_corpus: Path, tmp_path: Path)
     assert main(["verify", str(out), "--quiet"]) == EXIT_FAILURES
 
 
-def test_dask_local_cluster_with_two_workers_matches_a_serial_run(demo_corpus: Path, demo_out: Path, tmp_path: Path):
+def test_existing_dask_cluster_with_two_workers_matches_a_serial_run(
+    demo_corpus: Path, demo_out: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--scheduler ADDRESS` on a real LocalCluster: the tasks run in its two worker processes."""
     from dask.distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
-        summary = convert(
-            demo_corpus, tmp_path / "out", formats=("zarr", "wds"), limit=6, client=client, progress=False
-        )
-        workers = len(client.scheduler_info()["workers"])
-    assert workers == 2 and summary.converted == 6
+        argv = [str(demo_corpus), str(tmp_path / "out"), "--scheduler", cluster.scheduler_address, "--limit", "6"]
+        assert main([*argv, "--quiet"]) == 0
+        tasks = client.run(lambda dask_worker: len(dask_worker.data) + dask_worker.state.executed_count)
+    assert "6 converted" in capsys.readouterr().out
+    assert len(tasks) == 2 and all(n > 0 for n in tasks.values())  # both workers ran conversions
     parallel = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("id")
     serial = pd.read_parquet(demo_out / "manifest.parquet").set_index("id").loc[parallel.index]
     assert (parallel["checksum"] == serial["checksum"]).all()
