@@ -121,7 +121,7 @@ def _run_stage(
         step = state["step"]
 
     # loop
-    log = _Log(out / f"{stage.name}_log.csv", stage.name) if master else None
+    log = _Log(out / f"{stage.name}_log.csv", stage.name, step if state is not None else None) if master else None
     bar = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not master, unit="step")
     wait, steps, since, loss_sum = 0.0, 0, time.perf_counter(), torch.zeros((), device=device)
     while step < total_steps:
@@ -275,8 +275,11 @@ def _checkpoint(out, index, step, t: Trainable, augment, loader, generator, mast
 class _Log:
     """A stage's log (STAGE_log.csv, one row per interval) and its loss plot."""
 
-    def __init__(self, path: Path, stage: str) -> None:
+    def __init__(self, path: Path, stage: str, resumed_at: int | None = None) -> None:
         self.path, self.stage = path, stage
+        if resumed_at is not None and path.exists():  # drop rows a killed run logged after its last checkpoint
+            rows = pd.read_csv(path)
+            rows[rows["step"] <= resumed_at].to_csv(path, index=False)
 
     def write(self, step, loss, lr, ms_step, stall, patches_s, extra: dict[str, float]) -> None:
         row = {"stage": self.stage, "step": step, "loss": loss, "lr": lr, "ms_per_step": ms_step,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -45,19 +48,30 @@ def test_torchrun_two_ranks_runs_both_stages_and_exports(demo_out: Path, tmp_pat
     assert any(not torch.equal(v, mae[k]) for k, v in initial.items())  # MAE moved the VoCo start
 
 
-def test_resume_continues_exactly_where_it_stopped(demo_out: Path, tmp_path: Path) -> None:
-    voco_only = ["--stages.mae.max_steps=1", "--stages.voco.num_workers=1", "--stages.mae.num_workers=0"]
-    assert main(_args(demo_out, tmp_path / "straight", "--stages.voco.max_steps=4", *voco_only)) == 0
-    assert main(_args(demo_out, tmp_path / "stopped", "--stages.voco.max_steps=2", "--stages.mae.max_steps=0",
-                      *voco_only[1:])) == 0  # fmt: skip
-    resumed = _args(demo_out, tmp_path / "stopped", "--stages.voco.max_steps=4", *voco_only)
-    assert main([*resumed[:1], "--resume", str(tmp_path / "stopped"), *resumed[2:]]) == 0
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(demo_out: Path, tmp_path: Path) -> None:
+    common = ["--stages.voco.max_steps=30", "--stages.mae.max_steps=0", "--run.checkpoint_every=5",
+              "--stages.voco.num_workers=1"]  # fmt: skip
+    assert main(_args(demo_out, tmp_path / "straight", *common)) == 0
+    run = tmp_path / "killed"
+    log = run / "voco_log.csv"
+    with subprocess.Popen([sys.executable, "-m", "training", *_args(demo_out, run, *common)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:  # fmt: skip
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if log.exists() and len(log.read_text().splitlines()) > 7:  # header + 7 steps: past checkpoint 5
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "training ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert stopped_at in (5, 10, 15, 20, 25)
+    assert main([*_args(demo_out, run, *common), "--resume", str(run)]) == 0
     straight = torch.load(tmp_path / "straight" / "voco_final.pt", weights_only=True)
-    stopped = torch.load(tmp_path / "stopped" / "voco_final.pt", weights_only=True)
+    resumed = torch.load(run / "voco_final.pt", weights_only=True)
     for key, value in straight.items():
-        torch.testing.assert_close(stopped[key], value, msg=key)
-    log = pd.read_csv(tmp_path / "stopped" / "voco_log.csv")
-    assert list(log["step"]) == [1, 2, 3, 4]
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+    assert list(pd.read_csv(log)["step"]) == list(range(1, 31))  # rows past the checkpoint logged once
 
 
 def test_bad_config_fails_before_any_work(demo_out: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
