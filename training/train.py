@@ -151,6 +151,7 @@ def _run_stage(
         export_encoder(t.net, cfg.model, out / f"{stage.name}_encoder.pt", plan)
         if log.path.exists():  # a stage stopped at step 0 has nothing to plot
             log.plot(out / f"{stage.name}_loss.png")
+        log.close()
     if world > 1:
         dist.barrier()
 
@@ -273,13 +274,19 @@ def _checkpoint(out, index, step, t: Trainable, augment, loader, generator, mast
 
 
 class _Log:
-    """A stage's log (STAGE_log.csv, one row per interval) and its loss plot."""
+    """A stage's log: STAGE_log.csv (one row per interval), TensorBoard scalars if installed, the loss plot."""
 
     def __init__(self, path: Path, stage: str, resumed_at: int | None = None) -> None:
         self.path, self.stage = path, stage
         if resumed_at is not None and path.exists():  # drop rows a killed run logged after its last checkpoint
             rows = pd.read_csv(path)
             rows[rows["step"] <= resumed_at].to_csv(path, index=False)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # TensorBoard is optional; the CSV has everything
+            self.board = None
+        else:
+            self.board = SummaryWriter(str(path.parent / "tensorboard" / stage), purge_step=resumed_at)
 
     def write(self, step, loss, lr, ms_step, stall, patches_s, extra: dict[str, float]) -> None:
         row = {"stage": self.stage, "step": step, "loss": loss, "lr": lr, "ms_per_step": ms_step,
@@ -290,6 +297,15 @@ class _Log:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+        if self.board is not None:
+            for key, value in row.items():
+                if key not in ("stage", "step"):
+                    self.board.add_scalar(f"{self.stage}/{key}", value, step)
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
     def plot(self, path: Path) -> None:
         import matplotlib

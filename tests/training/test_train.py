@@ -39,6 +39,7 @@ def test_torchrun_two_ranks_runs_both_stages_and_exports(demo_out: Path, tmp_pat
         assert list(log["step"]) == [1, 2, 3] and log["loss"].notna().all()
         assert torch.isfinite(torch.tensor(log["loss"].to_numpy())).all()
         assert (run / f"{stage}_loss.png").stat().st_size > 0
+        assert any((run / "tensorboard" / stage).glob("events.out.tfevents.*"))
     net, plan = load_exported(run / "mae_encoder.pt")  # strict load into a fresh ResEnc inside
     assert plan["recommended_downstream_patchsize"] == [160, 160, 160]
     mae = torch.load(run / "mae_final.pt", weights_only=True)
