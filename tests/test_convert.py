@@ -289,3 +289,20 @@ def test_gzip_check_covers_the_whole_stream(tmp_path: Path) -> None:
     (tmp_path / "crc.nii.gz").write_bytes(bytes(bad))
     with pytest.raises(InputError, match="corrupt or truncated gzip"):
         load_nifti(tmp_path / "crc.nii.gz")
+
+
+@pytest.mark.slow
+def test_a_512_cubed_float_volume_converts_in_bounded_memory(tmp_path: Path) -> None:
+    """Peak RSS of one conversion stays a small multiple of the float32 volume (a dask worker's budget)."""
+    data = np.random.default_rng(0).normal(100, 20, (512, 512, 512)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.5, 0.5, 1.0])), tmp_path / "big.nii")
+    del data
+    code = (
+        "import resource, sys; from openmind_tools.preprocess import preprocess; "
+        f"r = preprocess({str(tmp_path / 'big.nii')!r}); "
+        "print(r.meta['shape'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    shape, peak = done.stdout.rsplit(" ", 1)
+    assert shape == "[256, 256, 256]"
+    assert int(peak) < 5 * 512**3 * 4, f"peak RSS {int(peak) / 2**30:.2f} GiB for a 0.5 GiB volume"
