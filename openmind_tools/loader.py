@@ -116,8 +116,9 @@ class PatchDataset(IterableDataset):
         self.protocol = fsspec.core.split_protocol(_first_url(self.volumes[0]))[0] or "file"
         if store == "zarr":
             self._check_zarr_stores()
-        # (epoch, batches already consumed, batch size): written by the main process (set_position),
-        # read by every worker when an epoch starts; shared memory, so persistent workers see updates.
+        # (epoch, batches already consumed, batch size) where the next iteration starts: written by the main
+        # process before it iterates (set_position), read by every worker as it starts; shared memory, so
+        # persistent workers see updates.
         self._position = torch.zeros(3, dtype=torch.int64).share_memory_()
         self._position[2] = 1
 
@@ -248,8 +249,8 @@ class PatchLoader:
     def __init__(self, dataset: PatchDataset, loader: DataLoader, batch_size: int, device: torch.device) -> None:
         self.dataset, self.loader, self.device = dataset, loader, device
         self.batch_size, self.num_workers = batch_size, loader.num_workers
-        epoch, consumed, _ = dataset.position
-        dataset.set_position(epoch, consumed, batch_size)
+        self._epoch, self._done, _ = dataset.position  # live progress, kept here in the main process
+        dataset.set_position(self._epoch, self._done, batch_size)
         self.wait_s = 0.0
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
@@ -257,7 +258,9 @@ class PatchLoader:
         return self.dataset.batches_per_epoch(self.batch_size, self.num_workers)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch, done, _ = self.dataset.position
+        epoch, done = self._epoch, self._done
+        # Where the workers start. Written only here, before they are asked for anything: a worker that
+        # starts late (spawn imports, a busy node) must not see the progress made meanwhile.
         self.dataset.set_position(epoch, done, self.batch_size)
         stream = iter(self.loader)
         start = perf_counter()
@@ -268,20 +271,21 @@ class PatchLoader:
                 ready = self._ready(pending)
                 self.wait_s = perf_counter() - start
                 done += 1
-                self.dataset.set_position(epoch, done, self.batch_size)
+                self._done = done
                 yield ready
                 start = perf_counter()
                 pending = upcoming
         except Exception:
             self.close()  # a worker failed: stop them all now, not seconds later when garbage-collected
             raise
-        self.dataset.set_position(epoch + 1, 0, self.batch_size)
+        self._epoch, self._done = epoch + 1, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_position(epoch, 0, self.batch_size)
+        self._epoch, self._done = epoch, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.dataset.state_dict(), "num_workers": self.num_workers}
+        live = {"epoch": self._epoch, "batches": self._done, "batch_size": self.batch_size}
+        return {**self.dataset.state_dict(), **live, "num_workers": self.num_workers}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at the saved batch; the worker count and batch size must match (they decide the order)."""
@@ -289,6 +293,7 @@ class PatchLoader:
             if state.get(key) != ours:
                 raise ConfigError(f"loader state: found {key}={state.get(key)!r} instead of {ours!r}")
         self.dataset.load_state_dict({k: v for k, v in state.items() if k != "num_workers"})
+        self._epoch, self._done, _ = self.dataset.position
 
     def close(self) -> None:
         """Stop the persistent workers now (otherwise they stop when the loader is garbage-collected)."""

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -110,6 +111,22 @@ def test_torchrun_two_ranks_two_workers_cover_each_volume_once(store16: Path, st
 
 
 # ---------------------------------------------------------------------------------------------- resume
+def _late_start(worker_id: int) -> None:
+    if worker_id == 2:
+        time.sleep(2.0)  # as a spawned worker on a busy node: the others have delivered batches by then
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # 3 on this 2-core box
+@pytest.mark.parametrize("store", STORES)
+def test_workers_that_start_late_still_cover_the_epoch_once(store16: Path, store: str) -> None:
+    dataset = PatchDataset(store16 / "manifest.parquet", PATCH, store=store, seed=0)
+    loader = make_loader(dataset, batch_size=1, num_workers=3)  # worker 2 starts after batch 0 was taken
+    loader.loader.worker_init_fn = _late_start
+    got = Counter(ids_of(run_epoch(loader)))
+    loader.close()
+    assert len(got) == 16 and len(loader) == 18 and sorted(got.values()) == [1] * 14 + [2] * 2  # 2 padded
+
+
 @pytest.mark.parametrize(("store", "workers"), [("zarr", 2), ("wds", 2), ("wds", 0)])
 def test_resume_continues_with_the_same_batches(store16: Path, store: str, workers: int) -> None:
     def loader():
