@@ -4,18 +4,22 @@ Resumable by construction: each finished volume (or failure) is appended to `OUT
 the driver only after its sample was renamed into place, and tar shards are packed afterwards from a
 deterministic plan (sorted ids, cut at `shard_bytes`), each written whole and renamed. A killed run
 rerun with the same command skips what the journal holds, so its manifest equals an uninterrupted
-run's; `manifest.parquet` and `errors.parquet` are rewritten from the journal at the end.
+run's; `manifest.parquet` and `errors.parquet` are rewritten from the journal at the end. With tar
+shards alone, volumes are staged in a hidden `.staging.zarr` that is kept, so a later run over more
+inputs (a larger --limit, --retry-errors) can repack the shards.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
-import shutil
+import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numcodecs
 import pandas as pd
@@ -23,7 +27,7 @@ import SimpleITK as sitk
 from tqdm.auto import tqdm
 
 from openmind_tools import __version__, wds_store, zarr_store
-from openmind_tools.corpus import Corpus, SourceImage, discover
+from openmind_tools.corpus import Corpus, Rejected, SourceImage, discover
 from openmind_tools.errors import ConfigError, InputError
 from openmind_tools.manifest_io import write_table
 from openmind_tools.preprocess import PreprocessSettings, preprocess
@@ -64,7 +68,7 @@ def convert(
     root: str | Path,
     out: str | Path,
     settings: PreprocessSettings = PreprocessSettings(),
-    formats: Sequence[str] = ("zarr",),
+    formats: Sequence[str] = FORMATS,
     modalities: Sequence[str] | None = None,
     limit: int | None = None,
     shard_bytes: int = 10**9,
@@ -78,6 +82,21 @@ def convert(
     out = Path(out)
     corpus = discover(root, modalities=modalities, limit=limit)
     out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _convert_locked(corpus, out, settings, formats, shard_bytes, client, retry_errors, progress, start)
+
+
+def _convert_locked(
+    corpus: Corpus,
+    out: Path,
+    settings: PreprocessSettings,
+    formats: tuple[str, ...],
+    shard_bytes: int,
+    client: Any,
+    retry_errors: bool,
+    progress: bool,
+    start: float,
+) -> Summary:
     _claim(out, settings, formats)
     zarr_root = out / (ZARR_DIR if "zarr" in formats else STAGING_DIR)
     zarr_store.clean_partial(zarr_root)
@@ -85,8 +104,9 @@ def convert(
     journal = _read_journal(out / JOURNAL)
     done = {i: r for i, r in journal.volumes.items() if retry_errors is False or r["status"] == "ok"}
     todo = [img for img in corpus.images if img.id not in done]
-    with (out / JOURNAL).open("a") as log:
-        results = _run(_convert_one, todo, client, progress, "convert", zarr_root=str(zarr_root), settings=settings)
+    with _open_journal(out / JOURNAL) as log:
+        results = _run(_convert_one, todo, client, progress, "convert", _worker_died, zarr_root=str(zarr_root),
+                       settings=settings)  # fmt: skip
         for record in results:
             done[record["id"]] = record
             _append(log, {"volume": record})
@@ -96,12 +116,10 @@ def convert(
 
     records = [done[img.id] for img in corpus.images]
     manifest = _manifest(corpus, [r for r in records if r["status"] == "ok"], formats, out)
-    errors = _errors([r for r in records if r["status"] == "error"], corpus.duplicates)
+    errors = _errors([r for r in records if r["status"] == "error"], corpus.rejected)
     meta = {"settings": settings.to_dict(), "settings_hash": settings.digest(), "formats": list(formats)}
     write_table(manifest, out / MANIFEST, meta)
     write_table(errors, out / ERRORS, meta)
-    if "zarr" not in formats:
-        shutil.rmtree(zarr_root, ignore_errors=True)
     stored = {f: int(manifest[f"{f}_nbytes"].sum()) if len(manifest) else 0 for f in formats}
     return Summary(
         converted=len(manifest),
@@ -120,7 +138,8 @@ def _convert_one(image: SourceImage, zarr_root: str, settings: PreprocessSetting
     numcodecs.blosc.set_nthreads(1)
     try:
         result = preprocess(image.image, image.anatomy_mask, image.deface_mask, settings)
-        record = {"id": image.id, "status": "ok", **result.meta, "settings_hash": settings.digest()}
+        record = {"id": image.id, "status": "ok", **result.meta, "settings_hash": settings.digest(),
+                  "converter_version": __version__}  # fmt: skip
         nbytes = zarr_store.write_volume(zarr_root, image.id, result.volume, {k: record[k] for k in _SAMPLE_JSON})
     except InputError as e:
         return _failure(image, type(e).__name__, str(e))
@@ -182,20 +201,49 @@ def _pack_one(
     return name, [vid for vid, _, _ in members], list(sizes.values())
 
 
-def _run(fn: Callable, items: list, client: Any, progress: bool, what: str, **kwargs: Any) -> Iterator[Any]:
-    """Map `fn` over `items` on the dask client (or here), yielding results as they complete."""
+def _run(
+    fn: Callable, items: list, client: Any, progress: bool, what: str, on_error: Callable | None = None, **kwargs: Any
+) -> Iterator[Any]:
+    """Map `fn` over `items` on the dask client (or here), yielding results as they complete.
+
+    A task whose worker died (out-of-memory kill, a crash in a native library) raises on the client, and
+    so do the tasks that were running beside it. With `on_error`, those tasks run again one at a time at
+    the end: a bystander then succeeds, and a task that kills its worker alone becomes `on_error(item,
+    exception)`, so one poisonous input cannot stop the run.
+    """
     bar = tqdm(total=len(items), desc=what, unit="vol" if what == "convert" else "shard", disable=not progress)
-    if client is None:
-        results: Iterable[Any] = (fn(item, **kwargs) for item in items)
-    else:
+    with bar:
+        if client is None:
+            for item in items:
+                yield fn(item, **kwargs)
+                bar.update()
+            return
         from dask.distributed import as_completed
 
         futures = client.map(fn, items, pure=False, **kwargs)
-        results = (future.result() for future in as_completed(futures))
-    with bar:
-        for result in results:
+        item_of = {future.key: item for future, item in zip(futures, items, strict=True)}
+        died = []
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except Exception:
+                if on_error is None:
+                    raise
+                died.append(item_of[future.key])
+                continue
             bar.update()
             yield result
+        for item in died:
+            try:
+                result = client.submit(fn, item, pure=False, **kwargs).result()
+            except Exception as e:
+                result = on_error(item, e)
+            bar.update()
+            yield result
+
+
+def _worker_died(image: SourceImage, error: Exception) -> dict[str, Any]:
+    return _failure(image, type(error).__name__, f"{image.image}: the worker converting it died ({error})")
 
 
 @dataclass
@@ -220,6 +268,28 @@ def _read_journal(path: Path) -> _Journal:
     return journal
 
 
+def _open_journal(path: Path) -> TextIO:
+    """The journal for appending, after cutting off a line a killed run left unfinished (else the next
+    entry would be glued to it and lost)."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with path.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    return path.open("a")
+
+
+@contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """One conversion per output folder: a second one would delete the first one's half-written arrays."""
+    with (out / ".lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{out}: another openmind-convert is writing into this folder") from None
+        yield
+
+
 def _append(log: Any, entry: dict[str, Any]) -> None:
     log.write(json.dumps(entry) + "\n")
     log.flush()
@@ -236,7 +306,8 @@ def _claim(out: Path, settings: PreprocessSettings, formats: tuple[str, ...]) ->
                 f"{out} holds a conversion with settings {previous['settings']} and formats {previous['formats']}; "
                 f"this run asks for {run['settings']} and {run['formats']}: use another output folder"
             )
-    path.write_text(json.dumps(run, indent=1))
+    path.with_suffix(".partial").write_text(json.dumps(run, indent=1))
+    os.replace(path.with_suffix(".partial"), path)
 
 
 def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
@@ -258,7 +329,6 @@ def _manifest(
     ours.insert(2, "subject", [images[i].subject for i in ours["id"]])
     ours.insert(3, "session", [images[i].session for i in ours["id"]])
     ours.insert(4, "source_path", [str(images[i].image.relative_to(corpus.root)) for i in ours["id"]])
-    ours["converter_version"] = __version__
     if "zarr" in formats:
         ours["zarr_store"] = ZARR_DIR
         ours["zarr_array"] = [zarr_store.array_path(i) for i in ours["id"]]
@@ -280,17 +350,7 @@ def _manifest(
     return pd.concat([ours.reset_index(drop=True), csv], axis=1).sort_values("id", ignore_index=True)
 
 
-def _errors(records: list[dict[str, Any]], duplicates: list[SourceImage]) -> pd.DataFrame:
-    rows = [{k: r[k] for k in ("id", "source_path", "error_type", "reason")} for r in records]
-    rows += [
-        {
-            "id": d.id,
-            "source_path": str(d.image),
-            "error_type": "DuplicateRow",
-            "reason": "CSV lists this image again",
-        }
-        for d in duplicates
-    ]
-    return pd.DataFrame(rows, columns=["id", "source_path", "error_type", "reason"]).sort_values(
-        "id", ignore_index=True
-    )
+def _errors(records: list[dict[str, Any]], rejected: list[Rejected]) -> pd.DataFrame:
+    columns = ["id", "source_path", "error_type", "reason"]
+    rows = [{k: r[k] for k in columns} for r in records] + [asdict(r) for r in rejected]
+    return pd.DataFrame(rows, columns=columns).sort_values("id", ignore_index=True)

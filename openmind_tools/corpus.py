@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from openmind_tools.errors import ConfigError
@@ -37,11 +38,21 @@ class SourceImage:
 
 
 @dataclass(frozen=True)
+class Rejected:
+    """A CSV row that names no convertible image; it becomes an errors.parquet row."""
+
+    id: str
+    source_path: str
+    error_type: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Corpus:
     root: Path
     images: list[SourceImage]
     table: pd.DataFrame  # one row per image, indexed by id: every CSV column, unchanged
-    duplicates: list[SourceImage]  # CSV rows naming an image already listed
+    rejected: list[Rejected]  # repeated rows, paths that leave the image folder
 
 
 def discover(root: str | Path, modalities: Sequence[str] | None = None, limit: int | None = None) -> Corpus:
@@ -56,7 +67,9 @@ def discover(root: str | Path, modalities: Sequence[str] | None = None, limit: i
         images = [i for i in images if i.modality in wanted]
     images = images[:limit] if limit is not None else images
     ids = [i.id for i in images]
-    return Corpus(root, images, corpus.table.loc[ids], corpus.duplicates)
+    everything = not modalities and limit is None
+    rejected = [r for r in corpus.rejected if everything or r.id in set(ids)]  # a trial reports its own rows
+    return Corpus(root, images, corpus.table.loc[ids], rejected)
 
 
 def volume_id(relative_path: str) -> str:
@@ -77,15 +90,32 @@ def _from_csv(root: Path) -> Corpus:
     base = root / IMAGE_DIR if (root / IMAGE_DIR).is_dir() else root
     table.index = pd.Index([volume_id(p) for p in table["image_path"].astype(str)], name="id")
     repeated = table.index.duplicated()
-    images = [_image(base, vid, row) for vid, row in table.iterrows()]
-    duplicates = [img for img, dup in zip(images, repeated, strict=True) if dup]
-    images = [img for img, dup in zip(images, repeated, strict=True) if not dup]
-    table = table[~repeated]
+    rows = table.to_dict("records")  # one pass of plain dicts: iterrows is slow on 114k rows
+    rejected, keep = [], np.zeros(len(rows), dtype=bool)
+    for i, (vid, row, repeat) in enumerate(zip(table.index, rows, repeated, strict=True)):
+        bad = _leaves(row, ("image_path", "anat_mask_path", "anon_mask_path"))
+        if bad:
+            rejected.append(Rejected(vid, str(row["image_path"]), "UnsafePath", f"{bad} leaves {base}"))
+        elif repeat:
+            rejected.append(Rejected(vid, str(row["image_path"]), "DuplicateRow", "the CSV lists this image again"))
+        else:
+            keep[i] = True
+    images = [_image(base, vid, row) for vid, row, k in zip(table.index, rows, keep, strict=True) if k]
+    table = table[keep]
     order = sorted(range(len(images)), key=lambda i: images[i].id)
-    return Corpus(root, [images[i] for i in order], table.iloc[order], duplicates)
+    return Corpus(root, [images[i] for i in order], table.iloc[order], rejected)
 
 
-def _image(base: Path, vid: str, row: pd.Series) -> SourceImage:
+def _leaves(row: dict, columns: tuple[str, ...]) -> str:
+    """The first path cell that is absolute or climbs out with '..' (it would escape the stores too)."""
+    for column in columns:
+        value = row.get(column)
+        if isinstance(value, str) and (value.startswith(("/", "\\")) or ".." in value.replace("\\", "/").split("/")):
+            return f"{column} {value!r}"
+    return ""
+
+
+def _image(base: Path, vid: str, row: dict) -> SourceImage:
     def mask(column: str) -> Path | None:
         value = row.get(column)
         return base / str(value) if isinstance(value, str) and value.strip() else None

@@ -306,3 +306,77 @@ def test_a_512_cubed_float_volume_converts_in_bounded_memory(tmp_path: Path) -> 
     shape, peak = done.stdout.rsplit(" ", 1)
     assert shape == "[256, 256, 256]"
     assert int(peak) < 5 * 512**3 * 4, f"peak RSS {int(peak) / 2**30:.2f} GiB for a 0.5 GiB volume"
+
+
+def test_tar_only_output_grows_with_a_larger_limit(demo_corpus: Path, tmp_path: Path) -> None:
+    """A wds-only run keeps its staged volumes, so a later, larger run can repack every shard."""
+    small = dict(formats=("wds",), shard_bytes=30 * 10**6, progress=False)
+    convert(demo_corpus, tmp_path / "grown", limit=4, **small)
+    convert(demo_corpus, tmp_path / "grown", limit=8, **small)
+    convert(demo_corpus, tmp_path / "direct", limit=8, **small)
+    grown = pd.read_parquet(tmp_path / "grown" / "manifest.parquet")
+    direct = pd.read_parquet(tmp_path / "direct" / "manifest.parquet")
+    pd.testing.assert_frame_equal(grown, direct)
+    assert grown["wds_shard"].nunique() > 1 and verify(tmp_path / "grown", progress=False) == []
+
+
+def test_a_journal_line_cut_by_a_kill_does_not_break_the_rerun(demo_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(demo_corpus, out, limit=3, progress=False)
+    reference = pd.read_parquet(out / "manifest.parquet")
+    journal = out / JOURNAL
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:-1]) + lines[-1][:25])  # the last entry torn mid-write
+    convert(demo_corpus, out, limit=3, progress=False)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), reference)
+    assert all(json.loads(line) for line in journal.read_text().splitlines())
+
+
+def _die_on_flair(image, **kwargs):  # a worker process that dies mid-task, as an OOM kill does
+    from openmind_tools.convert import _convert_one
+
+    if image.modality == "FLAIR":
+        os._exit(1)
+    return _convert_one(image, **kwargs)
+
+
+def test_a_worker_dying_on_one_input_records_it_and_goes_on(
+    demo_corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dask
+    from dask.distributed import Client, LocalCluster
+
+    import openmind_tools.convert as convert_module
+
+    monkeypatch.setattr(convert_module, "_convert_one", _die_on_flair)
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        summary = convert(demo_corpus, tmp_path / "out", formats=("zarr",), limit=4, client=client, progress=False)
+    errors = pd.read_parquet(tmp_path / "out" / "errors.parquet")
+    assert summary.converted == 3 and list(errors["error_type"]) == ["KilledWorker"]
+    assert errors["id"].iloc[0].endswith("FLAIR") and "died" in errors["reason"].iloc[0]
+
+
+def test_csv_paths_that_leave_the_image_folder_are_refused(demo_corpus: Path, tmp_path: Path) -> None:
+    root = tmp_path / "corpus"
+    shutil.copytree(demo_corpus, root)
+    csv = pd.read_csv(root / CSV_NAME, keep_default_na=False)
+    csv.loc[0, "image_path"] = "../../outside/sub-x_T1w.nii.gz"
+    csv.to_csv(root / CSV_NAME, index=False)
+    corpus = discover(root)
+    assert len(corpus.images) == 18 and [r.error_type for r in corpus.rejected] == ["UnsafePath"]
+    assert discover(root, limit=2).rejected == []  # a trial reports only the rows it selected
+
+
+def test_a_second_conversion_into_the_same_folder_is_refused(demo_corpus: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with (out / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another openmind-convert"):
+            convert(demo_corpus, out, limit=1, progress=False)

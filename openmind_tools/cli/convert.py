@@ -57,10 +57,20 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, default=1.0, help="isotropic target spacing in mm (default 1)")
     p.add_argument("--interpolation", choices=["linear", "bspline"], default="linear", help="image resampling")
     p.add_argument("--crop", choices=["anatomy", "nonzero", "none"], default="anatomy", help="crop box source")
-    p.add_argument("--clip-percentiles", default="0.5,99.5", help="intensity clip inside the mask, low,high")
+    p.add_argument(
+        "--clip-percentiles", type=_pair, default=(0.5, 99.5), help="intensity clip inside the mask: low,high"
+    )
     p.add_argument("--volume-index", type=int, help="volume to take from true 4D images (default: 4D is an error)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers such as 0.5,99.5, got {text!r}") from None
+    return low, high
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -72,7 +82,7 @@ def _convert(args: argparse.Namespace) -> int:
         spacing=args.spacing,
         interpolation=args.interpolation,
         crop=args.crop,
-        clip_percentiles=tuple(float(v) for v in args.clip_percentiles.split(",")),
+        clip_percentiles=args.clip_percentiles,
         volume_index=args.volume_index,
     )
     if args.dry_run:
