@@ -53,10 +53,12 @@ def test_torchrun_two_ranks_runs_both_stages_and_exports(demo_out: Path, tmp_pat
 def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(demo_out: Path, tmp_path: Path) -> None:
     common = ["--stages.voco.max_steps=30", "--stages.mae.max_steps=0", "--run.checkpoint_every=5",
               "--stages.voco.num_workers=1"]  # fmt: skip
-    assert main(_args(demo_out, tmp_path / "straight", *common)) == 0
+    # Every run in a fresh process: torch's thread count (set by other tests in this one) changes the sums.
+    train = [sys.executable, "-m", "training"]
+    subprocess.run([*train, *_args(demo_out, tmp_path / "straight", *common)], check=True, capture_output=True)
     run = tmp_path / "killed"
     log = run / "voco_log.csv"
-    with subprocess.Popen([sys.executable, "-m", "training", *_args(demo_out, run, *common)],
+    with subprocess.Popen([*train, *_args(demo_out, run, *common)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:  # fmt: skip
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
@@ -67,7 +69,7 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(demo_out: Pat
         os.kill(proc.pid, signal.SIGKILL)
     stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert stopped_at in (5, 10, 15, 20, 25)
-    assert main([*_args(demo_out, run, *common), "--resume", str(run)]) == 0
+    subprocess.run([*train, *_args(demo_out, run, *common), "--resume", str(run)], check=True, capture_output=True)
     straight = torch.load(tmp_path / "straight" / "voco_final.pt", weights_only=True)
     resumed = torch.load(run / "voco_final.pt", weights_only=True)
     for key, value in straight.items():
