@@ -162,10 +162,12 @@ def load_nifti(path: str | Path, volume_index: int | None = None) -> nib.Nifti1I
             continue
     if img is None:
         raise InputError(f"{path}: not a readable NIfTI-1/2 file")
-    try:
-        img.dataobj[(0,) * len(img.shape)]  # a header promising more bytes than the file holds
-    except Exception as e:
-        raise InputError(f"{path}: truncated or unreadable voxel data ({e})") from None
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "biuf":  # RGB (structured) and complex voxels have no single intensity
+        raise InputError(f"{path}: voxel type {dtype} is not a real scalar (RGB or complex images are not converted)")
+    needed = int(img.dataobj.offset) + int(np.prod(img.shape)) * dtype.itemsize
+    if len(raw) < needed:
+        raise InputError(f"{path}: truncated voxel data ({len(raw)} bytes, the header needs {needed})")
     return _to_3d(img, path, volume_index)
 
 

@@ -171,9 +171,13 @@ def test_true_4d_converts_when_a_volume_is_chosen(tmp_path: Path) -> None:
     from openmind_tools.preprocess import PreprocessSettings, preprocess
 
     path = NIBABEL_DATA / "example4d.nii.gz"
-    out = preprocess(path, settings=PreprocessSettings(volume_index=1))
-    source = np.asanyarray(nib.load(path).dataobj)[..., 1]
-    assert out.meta["original_shape"] == list(source.shape)
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[..., 1], img.affine, img.header), tmp_path / "second.nii.gz")
+    chosen = preprocess(path, settings=PreprocessSettings(volume_index=1)).volume
+    expected = preprocess(tmp_path / "second.nii.gz").volume
+    assert np.array_equal(chosen.image, expected.image)
+    first = preprocess(path, settings=PreprocessSettings(volume_index=0)).volume
+    assert first.image.shape != chosen.image.shape or not np.array_equal(first.image, chosen.image)
 
 
 def test_killed_conversion_resumes_to_the_same_manifest(demo_corpus: Path, demo_out: Path, tmp_path: Path) -> None:
@@ -380,3 +384,20 @@ def test_a_second_conversion_into_the_same_folder_is_refused(demo_corpus: Path, 
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(ConfigError, match="another openmind-convert"):
             convert(demo_corpus, out, limit=1, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "reason"), [(np.complex64, "not a real scalar"), (None, "truncated voxel data")], ids=["complex", "cut"]
+)
+def test_complex_and_truncated_plain_nifti_are_input_errors(tmp_path: Path, dtype, reason: str) -> None:
+    from openmind_tools.errors import InputError
+    from openmind_tools.preprocess import preprocess
+
+    anat = nib.load(NIBABEL_DATA / "anatomical.nii")
+    path = tmp_path / "image.nii"
+    if dtype is None:
+        path.write_bytes((NIBABEL_DATA / "anatomical.nii").read_bytes()[:-1000])
+    else:
+        nib.save(nib.Nifti1Image(np.asanyarray(anat.dataobj).astype(dtype), anat.affine), path)
+    with pytest.raises(InputError, match=reason):
+        preprocess(path)
