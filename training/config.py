@@ -10,7 +10,7 @@ from __future__ import annotations
 import tomllib
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; expected [run] and [[stages]]")
     run = dict(raw.get("run", {}))
-    stages = {s.get("name", f"stage{i}"): dict(s) for i, s in enumerate(raw.get("stages", []))}
+    stages: dict[str, dict[str, Any]] = {}
+    for i, stage in enumerate(raw.get("stages", [])):
+        name = stage.get("name")
+        if not isinstance(name, str) or name in stages:
+            raise ConfigError(f"{path}: [[stages]] number {i + 1} needs a unique name, got {name!r}")
+        stages[name] = dict(stage)
     for item in overrides or []:
         key, sep, value = item.removeprefix("--").partition("=")
         if not sep:
@@ -110,6 +115,9 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     unknown = set(values) - set(known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    required = {n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING}
+    if required - set(values):
+        raise ConfigError(f"{where}: missing key(s) {sorted(required - set(values))}")
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
         if key != "stages" and not _fits(value, hints[key]):

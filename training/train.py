@@ -54,13 +54,16 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     out = Path(cfg.out)
     if resume and not (out / CHECKPOINT).is_file():
         raise ConfigError(f"{out / CHECKPOINT}: nothing to resume")
+    state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True) if resume else None
+    if state is not None and state["config"] != _plain(cfg):
+        changed = sorted(k for k in _plain(cfg) if _plain(cfg)[k] != state["config"].get(k))
+        raise ConfigError(f"{out}: --resume needs the config the run started with; these differ: {changed}")
     selections = [_select(stage) for stage in cfg.stages]  # an empty stage fails before any training
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=str))
+        (out / "config.json").write_text(json.dumps(_plain(cfg), indent=1))
         for stage, (rows, meta) in zip(cfg.stages, selections, strict=True):
             write_manifest(rows, out / f"{stage.name}_manifest.parquet", meta)  # what this stage trains on
-    state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True) if resume else None
     try:
         for index, stage in enumerate(cfg.stages):
             if state is not None and index < state["stage"]:
@@ -140,7 +143,7 @@ def _run_stage(
                 wait, steps, since, loss_sum = 0.0, 0, time.perf_counter(), torch.zeros((), device=device)
             bar.update()
             if step % cfg.checkpoint_every == 0 or step == total_steps:
-                _checkpoint(out, index, step, t, augment, loader, generator, master)
+                _checkpoint(cfg, out, index, step, t, augment, loader, generator, master)
             if step == total_steps:
                 break
     bar.close()
@@ -239,6 +242,11 @@ def _select(stage: StageConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
     return rows, meta
 
 
+def _plain(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as JSON types: saved in config.json and in every checkpoint."""
+    return json.loads(json.dumps(cfg.to_dict(), default=str))
+
+
 def _poly_with_warmup(warmup: int, total: int):
     """Linear warm-up, then nnU-Net's poly decay (1 - t)^0.9."""
 
@@ -250,7 +258,7 @@ def _poly_with_warmup(warmup: int, total: int):
     return factor
 
 
-def _checkpoint(out, index, step, t: Trainable, augment, loader, generator, master) -> None:
+def _checkpoint(cfg, out, index, step, t: Trainable, augment, loader, generator, master) -> None:
     """Gather every rank's loader/augmentation/RNG state; rank 0 writes the file atomically."""
     local = {"augment": augment.state_dict(), "loader": loader.state_dict(), "generator": generator.get_state(),
              "torch_rng": torch.get_rng_state()}  # fmt: skip
@@ -261,6 +269,7 @@ def _checkpoint(out, index, step, t: Trainable, augment, loader, generator, mast
     if not master:
         return
     state = {
+        "config": _plain(cfg),
         "stage": index,
         "step": step,
         "objective": t.objective.state_dict(),

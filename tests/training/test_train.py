@@ -69,6 +69,7 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(demo_out: Pat
         os.kill(proc.pid, signal.SIGKILL)
     stopped_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert stopped_at in (5, 10, 15, 20, 25)
+    assert main([*_args(demo_out, run, *common, "--stages.voco.lr=0.1"), "--resume", str(run)]) == 2  # changed
     subprocess.run([*train, *_args(demo_out, run, *common), "--resume", str(run)], check=True, capture_output=True)
     straight = torch.load(tmp_path / "straight" / "voco_final.pt", weights_only=True)
     resumed = torch.load(run / "voco_final.pt", weights_only=True)
@@ -86,4 +87,9 @@ def test_bad_config_fails_before_any_work(demo_out: Path, tmp_path: Path, capsys
     assert main([*_args(demo_out, tmp_path / "r"), f"--stages.mae.manifest={empty}"]) == 2
     err = capsys.readouterr().err
     assert "stages.mae:" in err and "selects no volume" in err
+    twice = tmp_path / "twice.toml"
+    twice.write_text('[[stages]]\nname = "a"\nobjective = "mae"\nmanifest = "m"\n[[stages]]\nname = "a"\n')
+    assert main([str(twice)]) == 2 and "needs a unique name" in capsys.readouterr().err
+    twice.write_text('[[stages]]\nname = "a"\nmanifest = "m"\n')
+    assert main([str(twice)]) == 2 and "missing key(s) ['objective']" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
