@@ -335,11 +335,17 @@ def _column(df: pd.DataFrame, column: str, option: str) -> pd.Series:
     return df[column]
 
 
+# Read-only Series methods a condition may call (a preset or recipe is data: it must not write files)
+_CALLS = frozenset(
+    {"isin", "between", "isna", "notna", "contains", "startswith", "endswith", "match", "lower", "upper"}
+)
+
+
 def _where(df: pd.DataFrame, expr: str) -> pd.Series:
     """Evaluate with pandas' own expression parser (python engine), which sees the columns and nothing else.
 
-    Attribute or name lookups starting with "_" are refused first: pandas evaluates attribute chains, and
-    dunders would reach Python internals.
+    Attribute or name lookups starting with "_" are refused first (dunders would reach Python internals),
+    and so is any call but a few read-only Series methods (`id.to_csv(...)` would write a file).
     """
     columns = f"columns: {', '.join(df.columns)}"
     try:
@@ -350,6 +356,8 @@ def _where(df: pd.DataFrame, expr: str) -> pd.Series:
         name = getattr(node, "attr", None) or getattr(node, "id", "")
         if name.startswith("_"):
             raise ConfigError(f"where {expr!r}: names starting with '_' are not allowed; {columns}")
+        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Attribute) and node.func.attr in _CALLS):
+            raise ConfigError(f"where {expr!r}: only the calls {sorted(_CALLS)} are allowed; {columns}")
     try:
         result = df.eval(expr, engine="python", local_dict={}, global_dict={})
     except Exception as e:  # pandas raises NameError, KeyError, TypeError, ValueError... for a bad expression

@@ -125,12 +125,25 @@ def test_unknown_modality_lists_the_modalities_present(manifest: pd.DataFrame, r
 
 @pytest.mark.parametrize(
     ("where", "problem"),
-    [("agee > 3", "agee"), ("age >", "invalid"), ("age + 1", "true/false"), ("sex.__class__", "'_'")],
+    [
+        ("agee > 3", "agee"),
+        ("age >", "invalid"),
+        ("age + 1", "true/false"),
+        ("sex.__class__", "'_'"),
+        ("id.to_csv('x.csv') == 1", "only the calls"),
+    ],
 )
 def test_bad_where_is_a_config_error_naming_the_columns(manifest: pd.DataFrame, where: str, problem: str) -> None:
     with pytest.raises(ConfigError, match=problem) as e:
         query(manifest, where=where)
     assert "columns: id, dataset" in str(e.value) and "image_quality_score" in str(e.value)
+    assert not Path("x.csv").exists()
+
+
+def test_where_may_call_read_only_series_methods(manifest: pd.DataFrame) -> None:
+    got = query(manifest, where="modality.isin(['T1w', 'FLAIR']) and dataset.str.startswith('ds0001')")
+    expected = manifest[manifest["modality"].isin(["T1w", "FLAIR"]) & manifest["dataset"].str.startswith("ds0001")]
+    assert list(got["id"]) == list(expected["id"]) and len(got) > 0
 
 
 @pytest.mark.parametrize(
