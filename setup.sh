@@ -8,8 +8,10 @@ PY=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip -q "$@"; }
 pip install --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  # The CPU build; set TORCH_SPEC (e.g. "torch==2.13.0") on a CUDA machine.
-  pip install "${TORCH_SPEC:-torch==2.13.0+cpu}"
+  # The CPU build (a plain `pip install torch` on Linux pulls a multi-GB CUDA build). Local wheels or the
+  # configured index first, else PyTorch's CPU index; set TORCH_SPEC (e.g. "torch==2.13.0") on a CUDA machine.
+  spec=${TORCH_SPEC:-torch==2.13.0+cpu}
+  pip install "$spec" || pip install --index-url https://download.pytorch.org/whl/cpu "$spec"
 fi
 pip install --no-deps "dynamic-network-architectures>=0.4"
 pip install -e ".[test,bench]"

@@ -29,12 +29,11 @@ from tqdm.auto import tqdm
 from openmind_tools import __version__, wds_store, zarr_store
 from openmind_tools.corpus import Corpus, Rejected, SourceImage, discover
 from openmind_tools.errors import ConfigError, InputError
-from openmind_tools.manifest_io import write_table
+from openmind_tools.manifest_io import ERRORS, MANIFEST, write_table
 from openmind_tools.preprocess import PreprocessSettings, preprocess
 
 FORMATS = ("zarr", "wds")
 ZARR_DIR, STAGING_DIR, JOURNAL, RUN_FILE = "store.zarr", ".staging.zarr", ".journal.jsonl", ".run.json"
-MANIFEST, ERRORS = "manifest.parquet", "errors.parquet"
 _SAMPLE_JSON = ("id", "affine", "spacing", "settings_hash")  # manifest fields copied into each tar sample
 
 
@@ -172,7 +171,7 @@ def _pack_shards(
     plan: list[list[dict[str, Any]]] = [[]]
     size = 0
     for record in records:
-        nbytes = 3 * int(record["shape"][0] * record["shape"][1] * record["shape"][2])  # fp16 image + u8 code
+        nbytes = wds_store.sample_nbytes(record["shape"])
         if plan[-1] and size + nbytes > shard_bytes:
             plan.append([])
             size = 0

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 META_KEY = b"openmind"
+MANIFEST, ERRORS = "manifest.parquet", "errors.parquet"  # the file names inside a conversion's OUT
 
 
 def write_table(df: pd.DataFrame, path: str | Path, meta: dict[str, Any]) -> None:

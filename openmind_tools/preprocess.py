@@ -24,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from openmind_tools.errors import ConfigError, InputError
-from openmind_tools.volume import Volume
+from openmind_tools.volume import Volume, mask_code
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
 _LPS = np.diag([-1.0, -1.0, 1.0])  # ITK's physical space is LPS, NIfTI's is RAS
@@ -96,8 +96,9 @@ def preprocess(
     data = nib.orientations.apply_orientation(data, ornt)
     code = None  # the masks as one code: one nearest-neighbour resample for both
     if masks:
-        code = masks.get("anatomy", np.uint8(0)) | (masks.get("deface", np.uint8(0)) << 1)
-        code = nib.orientations.apply_orientation(np.broadcast_to(code, data.shape).astype(np.uint8), ornt)
+        absent = np.zeros(data.shape, np.uint8)
+        code = mask_code(masks.get("anatomy", absent), masks.get("deface", absent))
+        code = nib.orientations.apply_orientation(code, ornt)
 
     # Crop before resampling: only the box around the anatomy (or the nonzero voxels) is resampled.
     by_anatomy = settings.crop == "anatomy" and code is not None and bool((code & 1).any())

@@ -12,13 +12,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from openmind_tools import wds_store, zarr_store
-from openmind_tools.manifest_io import read_table
+from openmind_tools.manifest_io import MANIFEST, read_table
 
 
 def verify(out: str | Path, progress: bool = True) -> list[str]:
     """Problems found in `out` (empty when every sample of every store matches the manifest)."""
     out = Path(out)
-    manifest, _ = read_table(out / "manifest.parquet")
+    manifest, _ = read_table(out / MANIFEST)
     problems: list[str] = []
     if "zarr_store" in manifest:
         for row in tqdm(manifest.itertuples(), total=len(manifest), desc="verify zarr", disable=not progress):

@@ -16,6 +16,11 @@ from functools import cached_property
 import numpy as np
 
 
+def mask_code(anatomy: np.ndarray, deface: np.ndarray) -> np.ndarray:
+    """The masks as one uint8 code: bit 0 anatomy, bit 1 deface."""
+    return (np.asarray(anatomy, np.uint8) & 1) | ((np.asarray(deface, np.uint8) & 1) << 1)
+
+
 @dataclass(frozen=True)
 class Volume:
     image: np.ndarray  # (X, Y, Z) float16, z-scored
@@ -23,7 +28,7 @@ class Volume:
 
     @classmethod
     def from_masks(cls, image: np.ndarray, anatomy: np.ndarray, deface: np.ndarray) -> Volume:
-        return cls(image, (anatomy.astype(np.uint8) & 1) | ((deface.astype(np.uint8) & 1) << 1))
+        return cls(image, mask_code(anatomy, deface))
 
     @cached_property
     def mask_code(self) -> np.ndarray:

@@ -14,7 +14,7 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,11 @@ def shard_name(index: int) -> str:
 def sample_key(volume_id: str) -> str:
     """webdataset splits a member name at the first dot of its basename, so ids must not contain dots."""
     return volume_id.replace(".", "_")
+
+
+def sample_nbytes(shape: Sequence[int]) -> int:
+    """About the bytes of one sample (fp16 image + uint8 code), for planning shard sizes."""
+    return 3 * int(np.prod(shape))
 
 
 def write_shard(path: str | Path, samples: Iterable[tuple[str, Volume, dict[str, Any]]]) -> dict[str, int]:

@@ -4,7 +4,7 @@ One array per volume at `volumes/<volume id>`, shape (2, X, Y, Z) float16 in ONE
 the z-scored image, channel 1 the mask code (bit 0 anatomy, bit 1 deface; 0..3 are exact in float16).
 A 160^3 patch is nearly a whole 1 mm brain, so one object and one decode per volume beats any chunk
 grid; blosc lz4 + byte shuffle decodes image and masks together in ~4.5 ms on one core, where image
-and a separate uint8 mask array took ~24 ms (benchmarks/store_layout.py has the numbers). No group
+and a separate uint8 mask array took ~24 ms (benchmarks/convert_bench.py has the numbers). No group
 lists the volumes: the manifest is the index. Plain `zarr.open_array(store, path=...)` reads every
 array; `read_volume` skips zarr's per-call overhead by fetching the one chunk object and decoding it
 with numcodecs, given the shape the manifest recorded.
