@@ -3,17 +3,8 @@
 import argparse
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-import torch
-from matplotlib.figure import Figure  # renders with Agg, no pyplot backend or display needed
-from torch import Tensor
-
-from openmind_tools import zarr_store
-from openmind_tools.augment import AugmentSettings, GPUAugment
-from openmind_tools.manifest import resolve_manifest
-
-_VIEWS = ("axial", "coronal", "sagittal")  # slices through the RAS array's S, A and R axes
+from openmind_tools.augment import AugmentSettings
+from openmind_tools.augment_preview import from_manifest, from_nifti, write_preview
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,28 +13,19 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("openmind-augment-preview: give either a MANIFEST or --nifti FILE ...")
     in_size = (args.in_size,) * 3
     if args.manifest is not None:
-        volumes, masks = _from_manifest(args.manifest, args.n, in_size)
+        volumes, masks = from_manifest(args.manifest, args.n, in_size)
     else:
-        if args.mask and len(args.mask) != len(args.nifti):
-            raise SystemExit(f"--mask: expected one file per --nifti volume ({len(args.nifti)}), got {len(args.mask)}")
-        volumes = [_fit(_load(path), in_size) for path in args.nifti]
-        masks = (
-            [_half_max(_fit(_load(p), in_size)) for p in args.mask] if args.mask else [v > v.mean() for v in volumes]
-        )
-        volumes = [_zscore(v) for v in volumes]
-    picks = [i % len(volumes) for i in range(args.n)]
-    image = torch.from_numpy(np.stack([volumes[i] for i in picks]))[:, None]
-    mask = torch.from_numpy(np.stack([masks[i] for i in picks]).astype(np.uint8))[:, None]
-
+        try:
+            volumes, masks = from_nifti(args.nifti, args.mask, in_size)
+        except ValueError as e:
+            raise SystemExit(f"--mask: {e}") from None
     settings = AugmentSettings(out_size=args.out_size, seed=args.seed)
     if args.all_ops:
         probabilities = {
             f: 1.0 for f in settings.to_dict() if f.startswith("p_") and f not in ("p_mirror", "p_elastic")
         }
         settings = AugmentSettings.from_dict({**settings.to_dict(), **probabilities})
-    out = GPUAugment(settings)(image, masks=(mask,))
-
-    _render(image, mask, out.image, out.target, out.masks[0], out.affine, args.output)
+    write_preview(volumes, masks, settings, args.n, args.output)
     print(f"wrote {args.output}: {args.n} samples from {len(volumes)} volume(s), crop {in_size} -> {settings.out_size}")
     return 0
 
@@ -94,81 +76,3 @@ def _parser() -> argparse.ArgumentParser:
         "probabilities apply and many samples show few changes",
     )
     return parser
-
-
-def _from_manifest(source: str, n: int, size: tuple[int, int, int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The first `n` volumes of a manifest (or query) from its Zarr store, with their anatomy masks."""
-    rows, meta = resolve_manifest(source)
-    if "zarr_store" not in rows or rows.empty:
-        raise SystemExit(
-            f"{source}: no volumes in a Zarr store to preview (convert with --format zarr, or use --nifti)"
-        )
-    volumes, masks = [], []
-    for row in rows.head(n).itertuples():
-        volume = zarr_store.read_volume(f"{meta['store_root']}/{row.zarr_store}", row.id, tuple(row.shape))
-        volumes.append(_fit(volume.image.astype(np.float32), size))
-        masks.append(_fit(volume.anatomy, size) > 0)
-    return volumes, masks
-
-
-def _load(path: Path) -> np.ndarray:
-    """Read as RAS float32."""
-    return np.asarray(nib.as_closest_canonical(nib.load(path)).get_fdata(dtype=np.float32))
-
-
-def _fit(data: np.ndarray, size: tuple[int, int, int]) -> np.ndarray:
-    """Centre crop/pad to `size`."""
-    out = np.zeros(size, dtype=np.float32)
-    src, dst = [], []
-    for n, m in zip(data.shape[:3], size, strict=True):
-        start = (n - m) // 2
-        src.append(slice(max(start, 0), max(start, 0) + min(n, m)))
-        dst.append(slice(max(-start, 0), max(-start, 0) + min(n, m)))
-    out[tuple(dst)] = data[tuple(src)]
-    return out
-
-
-def _half_max(volume: np.ndarray) -> np.ndarray:
-    return volume > volume.max() / 2  # binary masks and probability maps (0-1 or 0-255) alike
-
-
-def _zscore(volume: np.ndarray) -> np.ndarray:
-    inside = volume[volume != 0]
-    return np.where(volume != 0, (volume - inside.mean()) / (inside.std() + 1e-8), 0).astype(np.float32)
-
-
-def _mid_slices(volume: np.ndarray) -> list[np.ndarray]:
-    x, y, z = (n // 2 for n in volume.shape)
-    return [volume[:, :, z].T, volume[:, y, :].T, volume[x, :, :].T]  # transposed so that up is A or S
-
-
-def _render(
-    image: Tensor, mask: Tensor, augmented: Tensor, target: Tensor, warped_mask: Tensor, affine: Tensor, output: Path
-) -> None:
-    n = image.shape[0]
-    fig = Figure(figsize=(7.5, 7.5 * n))
-    axes = fig.subplots(3 * n, 3, squeeze=False)
-    for i in range(n):
-        window = np.percentile(image[i, 0].numpy(), (0.5, 99.5))  # one window per sample shows intensity changes
-        det = float(torch.linalg.det(affine[i, :, :3]))
-        summary = f"zoom {abs(det) ** (1 / 3):.2f}{', mirrored' if det < 0 else ''}"
-        rows = [
-            ("original", image[i, 0], mask[i, 0]),
-            (f"augmented ({summary})", augmented[i, 0], warped_mask[i, 0]),
-            ("target (spatial only)", target[i, 0], warped_mask[i, 0]),
-        ]
-        for r, (label, volume, contour) in enumerate(rows):
-            pairs = zip(_mid_slices(volume.float().numpy()), _mid_slices(contour.numpy()), strict=True)
-            for c, (slice_, mask_slice) in enumerate(pairs):
-                ax = axes[3 * i + r, c]
-                ax.imshow(slice_, cmap="gray", origin="lower", vmin=window[0], vmax=window[1])
-                if mask_slice.any():
-                    ax.contour(mask_slice, levels=[0.5], colors="red", linewidths=0.6, origin="lower")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c == 0:
-                    ax.set_ylabel(f"{i}: {label}", fontsize=7)
-                if i == 0 and r == 0:
-                    ax.set_title(_VIEWS[c], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(output, dpi=80)
