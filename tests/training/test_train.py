@@ -93,3 +93,23 @@ def test_bad_config_fails_before_any_work(demo_out: Path, tmp_path: Path, capsys
     twice.write_text('[[stages]]\nname = "a"\nmanifest = "m"\n')
     assert main([str(twice)]) == 2 and "missing key(s) ['objective']" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_stage_starts_from_the_encoder_of_the_stage_it_names(tmp_path: Path) -> None:
+    from training.config import StageConfig
+    from training.model import PRESETS
+    from training.train import build_trainable
+
+    torch.manual_seed(1)
+    earlier = PRESETS["resenc_tiny"]()
+    torch.save(earlier.state_dict(), tmp_path / "voco_final.pt")
+    stage = StageConfig(name="mae", objective="mae", manifest="unused", out_size=32)
+    torch.manual_seed(2)
+    started = build_trainable("resenc_tiny", stage, torch.device("cpu"), 1, 10, init=tmp_path / "voco_final.pt").net
+    fresh = build_trainable("resenc_tiny", stage, torch.device("cpu"), 1, 10).net
+    for key, value in earlier.encoder.state_dict().items():
+        assert torch.equal(started.encoder.state_dict()[key], value), key
+    stem = "stem.convs.0.conv.weight"
+    assert not torch.equal(fresh.encoder.state_dict()[stem], earlier.encoder.state_dict()[stem])
+    decoder = {k: v for k, v in started.state_dict().items() if k.startswith("decoder.") and "weight" in k}
+    assert any(not torch.equal(v, earlier.state_dict()[k]) for k, v in decoder.items())  # only the encoder comes over
