@@ -82,17 +82,19 @@ def preprocess(
     settings: PreprocessSettings = PreprocessSettings(),
 ) -> Preprocessed:
     """Preprocess one image; raises InputError (naming the file) for anything that cannot be converted."""
-    src = load_nifti(image_path, settings.volume_index)
-    data = src.get_fdata(dtype=np.float32)
+    img = load_nifti(image_path, settings.volume_index)
+    data = img.get_fdata(dtype=np.float32)
+    shape, src_affine, zooms, src_dtype = img.shape[:3], img.affine, img.header.get_zooms()[:3], img.get_data_dtype()
+    del img  # frees the file's bytes before the resampling copies: peak memory of a 512^3 volume
     _check_values(data, image_path)
     masks = {
-        name: _load_mask(path, src, image_path)
+        name: _load_mask(path, shape, src_affine, image_path)
         for name, path in (("anatomy", anatomy_path), ("deface", deface_path))
         if path is not None
     }
 
-    ornt = nib.orientations.io_orientation(src.affine)  # to the closest RAS axes, as nibabel's canonical
-    ras_affine = src.affine @ nib.orientations.inv_ornt_aff(ornt, src.shape[:3])
+    ornt = nib.orientations.io_orientation(src_affine)  # to the closest RAS axes, as nibabel's canonical
+    ras_affine = src_affine @ nib.orientations.inv_ornt_aff(ornt, shape)
     data = nib.orientations.apply_orientation(data, ornt)
     code = None  # the masks as one code: one nearest-neighbour resample for both
     if masks:
@@ -126,10 +128,10 @@ def preprocess(
         "shape": list(image.shape),
         "spacing": [settings.spacing] * 3,
         "affine": affine.round(6).tolist(),
-        "original_shape": list(src.shape[:3]),
-        "original_spacing": [round(float(z), 6) for z in src.header.get_zooms()[:3]],
-        "original_orientation": "".join(nib.aff2axcodes(src.affine)),
-        "original_dtype": str(src.get_data_dtype()),
+        "original_shape": list(shape),
+        "original_spacing": [round(float(z), 6) for z in zooms],
+        "original_orientation": "".join(nib.aff2axcodes(src_affine)),
+        "original_dtype": str(src_dtype),
         "crop_box": [int(v) for pair in box for v in pair],
         "norm_region": "anatomy" if anatomy.any() else "crop",
         **stats,
@@ -188,11 +190,11 @@ def _to_3d(img: nib.Nifti1Image, path: Path, volume_index: int | None) -> nib.Ni
     return img.slicer[..., volume_index]
 
 
-def _load_mask(path: str | Path, image: nib.Nifti1Image, image_path: str | Path) -> np.ndarray:
+def _load_mask(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, image_path: str | Path) -> np.ndarray:
     mask = load_nifti(path)
-    if mask.shape != image.shape[:3]:
-        raise InputError(f"{path}: mask shape {mask.shape} differs from image {image_path} shape {image.shape[:3]}")
-    if not np.allclose(mask.affine, image.affine, atol=_AFFINE_TOL):
+    if mask.shape != shape:
+        raise InputError(f"{path}: mask shape {mask.shape} differs from image {image_path} shape {shape}")
+    if not np.allclose(mask.affine, affine, atol=_AFFINE_TOL):
         raise InputError(f"{path}: mask affine differs from that of image {image_path}")
     proxy = mask.dataobj
     if nib.is_proxy(proxy) and np.issubdtype(proxy.dtype, np.integer) and proxy.slope == 1 and proxy.inter == 0:
