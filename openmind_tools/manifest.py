@@ -30,7 +30,9 @@ from openmind_tools.errors import ConfigError
 from openmind_tools.manifest_io import read_table, write_table
 from openmind_tools.modalities import canonical_modalities
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "manifests"
+# manifests/ of a checkout (the editable install setup.sh makes), or the copy a wheel ships as openmind_tools/presets
+_CHECKOUT_PRESETS = Path(__file__).resolve().parents[1] / "manifests"
+PRESET_DIR = _CHECKOUT_PRESETS if _CHECKOUT_PRESETS.is_dir() else Path(__file__).resolve().parent / "presets"
 QUALITY = "image_quality_score"
 META = "openmind"  # key of the project metadata in DataFrame.attrs (pandas keeps attrs through filtering)
 FORMATS = ("parquet", "csv", "jsonl")
