@@ -101,7 +101,7 @@ def _convert_locked(
     zarr_store.clean_partial(zarr_root)
 
     journal = _read_journal(out / JOURNAL)
-    done = {i: r for i, r in journal.volumes.items() if retry_errors is False or r["status"] == "ok"}
+    done = {i: r for i, r in journal.volumes.items() if not retry_errors or r["status"] == "ok"}
     todo = [img for img in corpus.images if img.id not in done]
     with _open_journal(out / JOURNAL) as log:
         results = _run(_convert_one, todo, client, progress, "convert", _worker_died, zarr_root=str(zarr_root),
@@ -110,11 +110,12 @@ def _convert_locked(
             done[record["id"]] = record
             _append(log, {"volume": record})
         ok = sorted(i for i in (img.id for img in corpus.images) if done[i]["status"] == "ok")
+        shards = journal.shards
         if "wds" in formats:
-            _pack_shards(out, zarr_root, [done[i] for i in ok], journal.shards, shard_bytes, client, progress, log)
+            _pack_shards(out, zarr_root, [done[i] for i in ok], shards, shard_bytes, client, progress, log)
 
     records = [done[img.id] for img in corpus.images]
-    manifest = _manifest(corpus, [r for r in records if r["status"] == "ok"], formats, out)
+    manifest = _manifest(corpus, [r for r in records if r["status"] == "ok"], formats, shards, out)
     errors = _errors([r for r in records if r["status"] == "error"], corpus.rejected)
     meta = {"settings": settings.to_dict(), "settings_hash": settings.digest(), "formats": list(formats)}
     write_table(manifest, out / MANIFEST, meta)
@@ -161,7 +162,7 @@ def _pack_shards(
     out: Path,
     zarr_root: Path,
     records: list[dict[str, Any]],
-    packed: dict[str, dict[str, Any]],
+    packed: dict[str, dict[str, Any]],  # shard name -> journal entry; updated with the shards written here
     shard_bytes: int,
     client: Any,
     progress: bool,
@@ -187,7 +188,8 @@ def _pack_shards(
         if f"shards/{stale.name}" not in {wds_store.shard_name(i) for i in range(len(plan))}:
             stale.unlink()
     for name, ids, nbytes in _run(_pack_one, jobs, client, progress, "pack", out=str(out), zarr_root=str(zarr_root)):
-        _append(log, {"shard": name, "ids": ids, "nbytes": nbytes})
+        packed[name] = {"shard": name, "ids": ids, "nbytes": nbytes}
+        _append(log, packed[name])
 
 
 def _pack_one(
@@ -320,6 +322,7 @@ def _manifest(
     corpus: Corpus,
     records: list[dict[str, Any]],
     formats: tuple[str, ...],
+    shards: dict[str, dict[str, Any]],
     out: Path,
 ) -> pd.DataFrame:
     ours = pd.DataFrame(records).drop(columns=["status"], errors="ignore") if records else pd.DataFrame({"id": []})
@@ -334,7 +337,6 @@ def _manifest(
     else:
         ours = ours.drop(columns=["zarr_nbytes"], errors="ignore")
     if "wds" in formats:
-        shards = _read_journal(out / JOURNAL).shards
         where = {
             vid: (name, n)
             for name, entry in shards.items()
