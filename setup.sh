@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a new machine: create .venv (CPU torch unless one is already there), install the
-# project with its console scripts, then run the demo end to end (demo corpus -> convert -> query).
+# project with its console scripts, then run the demo end to end (demo corpus -> convert -> query -> train ->
+# probe).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -25,4 +26,7 @@ demo=${DEMO_DIR:-demo}
 m="$demo/store/manifest.parquet"
 .venv/bin/openmind-train training/configs/demo.toml --run.out="\"$demo/run\"" \
   --stages.voco.manifest="\"$m\"" --stages.mae.manifest="\"$m\""
+for stage in voco mae; do  # did it learn anything? linear probes vs a random-init encoder and a trivial baseline
+  .venv/bin/openmind-eval probe "$demo/run/${stage}_encoder.pt" --manifest "$m" --target modality,sex,age --no-progress
+done
 echo "demo outputs are under $demo/"

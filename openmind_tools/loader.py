@@ -49,6 +49,7 @@ from openmind_tools.loader_stages import (
     wrap_to_multiple,
 )
 from openmind_tools.manifest import resolve_manifest
+from openmind_tools.volume import Volume
 
 STORES = ("zarr", "wds")
 ON_ERROR = ("raise", "skip")
@@ -209,6 +210,24 @@ class PatchDataset(IterableDataset):
             worker=worker,
         )
         yield from batches(itertools.islice(crops, partial, None), batch_size=batch_size, patch_size=self.patch_size)
+
+    def read_each(self) -> Iterator[tuple[VolumeRef, Volume | StoreError]]:
+        """Every selected volume once, in this process: for evaluation, not for training.
+
+        The same stores, reads and checks as an epoch, without its shuffle, padding or split by rank and
+        worker. A volume that cannot be read comes out as its StoreError, for the caller to count.
+        """
+        fs = fsspec.filesystem(self.protocol, **self.storage_options)
+        if self.store == "zarr":
+            loaded = read_volumes(
+                enumerate(self.volumes), fs=fs, prefetch=self.prefetch, attempts=self.attempts, backoff_s=self.backoff_s
+            )
+        else:
+            in_shard_order = sorted(self.volumes, key=lambda v: v.shard)  # one pass per shard
+            raw = shard_samples(in_shard_order, fs=fs, attempts=self.attempts, backoff_s=self.backoff_s)
+            loaded = decode_samples(enumerate(raw), settings_hash=self.settings_hash)
+        for _, ref, volume in loaded:
+            yield ref, volume
 
     # ------------------------------------------------------------------------------------------ checks
     def _check_zarr_stores(self) -> None:

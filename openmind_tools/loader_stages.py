@@ -333,6 +333,24 @@ def crop_volumes(
             yield ref.id, volume, crop_origin(volume.code, patch_size, foreground_bias, rng)
 
 
+def fixed_crops(
+    loaded: Iterable[tuple[VolumeRef, Volume]],
+    *,
+    patch_size: tuple[int, int, int],
+    fractions: Sequence[tuple[float, float, float]],
+) -> Iterator[tuple[str, Volume, np.ndarray]]:
+    """The same crops of every volume, for evaluation: one per fraction of the free range along each axis.
+
+    (0.5, 0.5, 0.5) is the centre crop; a volume smaller than the patch gets it centred and padded.
+    Yields (volume id, volume, origin) as `crop_volumes` does, so `batches` copies the voxels.
+    """
+    size = np.array(patch_size)
+    for ref, volume in loaded:
+        free = np.array(volume.image.shape) - size
+        for fraction in fractions:
+            yield ref.id, volume, np.rint(np.asarray(fraction) * free).astype(np.int64)
+
+
 def crop_origin(
     code: np.ndarray, patch_size: tuple[int, int, int], foreground_bias: float, rng: np.random.Generator
 ) -> np.ndarray:

@@ -201,6 +201,19 @@ def load_exported(path: str | os.PathLike) -> tuple[ResidualEncoderUNet, dict[st
 
 def _net_from_plan(plan: dict[str, Any], weights: dict[str, torch.Tensor]) -> ResidualEncoderUNet:
     """Build the plan's network (output channels taken from the weights), load strictly, resolve the key prefixes."""
+    n_stages = plan["architecture_plans"]["arch_kwargs"]["n_stages"]
+    net = network_from_plan(plan, num_classes=weights[f"decoder.seg_layers.{n_stages - 2}.weight"].shape[0])
+    net.load_state_dict(weights, strict=True)
+    for key in (plan["key_to_encoder"], plan["key_to_stem"], *plan["keys_to_in_proj"]):
+        net.get_submodule(key)
+    return net
+
+
+def network_from_plan(plan: dict[str, Any], num_classes: int = 1) -> ResidualEncoderUNet:
+    """A freshly initialised network of the architecture an adaptation plan names (the random-init baseline).
+
+    Only the classes in `_CLASSES` may be named: a plan is data, so it never imports whatever a string says.
+    """
     architecture = plan["architecture_plans"]
     if architecture["arch_class_name"] != _ARCH_CLASS_NAME:
         raise ValueError(f"expected arch_class_name {_ARCH_CLASS_NAME!r}, got {architecture['arch_class_name']!r}")
@@ -209,14 +222,7 @@ def _net_from_plan(plan: dict[str, Any], weights: dict[str, torch.Tensor]) -> Re
         if kwargs[key] not in _CLASSES:
             raise ValueError(f"arch_kwargs[{key!r}]: expected one of {sorted(_CLASSES)}, got {kwargs[key]!r}")
         kwargs[key] = _CLASSES[kwargs[key]]
-    last_seg_layer = f"decoder.seg_layers.{kwargs['n_stages'] - 2}.weight"
-    net = ResidualEncoderUNet(
-        plan["pretrain_num_input_channels"], num_classes=weights[last_seg_layer].shape[0], **kwargs
-    )
-    net.load_state_dict(weights, strict=True)
-    for key in (plan["key_to_encoder"], plan["key_to_stem"], *plan["keys_to_in_proj"]):
-        net.get_submodule(key)
-    return net
+    return ResidualEncoderUNet(plan["pretrain_num_input_channels"], num_classes=num_classes, **kwargs)
 
 
 def _check_pretrain_plan(pretrain_plan: dict[str, Any]) -> None:

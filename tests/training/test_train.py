@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from training.cli import main
+from training.eval_cli import main as eval_main
 from training.model import load_exported
 
 RECIPE = Path(__file__).parents[2] / "training" / "configs" / "demo.toml"
@@ -76,6 +77,22 @@ def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(demo_out: Pat
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
     assert list(pd.read_csv(log)["step"]) == list(range(1, 31))  # rows past the checkpoint logged once
+
+
+@pytest.mark.slow
+def test_the_demo_recipe_learns_visibly_and_its_run_folder_probes(demo_out: Path, tmp_path: Path) -> None:
+    run = tmp_path / "demo"
+    args = [a for a in _args(demo_out, run) if not a.startswith("--run.log_every")]  # the recipe's own interval
+    subprocess.run([sys.executable, "-m", "training", *args], check=True, capture_output=True, timeout=900)
+    for stage in ("voco", "mae"):
+        loss = pd.read_csv(run / f"{stage}_log.csv")["loss"].to_numpy()
+        quarter = len(loss) // 4
+        first, last = loss[:quarter], loss[-quarter:]
+        assert quarter >= 3 and first.mean() - last.mean() > max(first.std(), last.std()), (stage, loss)
+    assert eval_main(["probe", str(run), "--manifest", str(demo_out / "manifest.parquet"), "--target", "modality",
+                      "--no-progress"]) == 0  # fmt: skip
+    scores = pd.read_csv(run / "mae_encoder_probe" / "probe.csv").set_index(["metric", "encoder"])["mean"]
+    assert scores["balanced_accuracy", "pretrained"] > scores["balanced_accuracy", "baseline"]
 
 
 def test_bad_config_fails_before_any_work(demo_out: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

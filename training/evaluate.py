@@ -1,0 +1,185 @@
+"""Does a pretrained encoder know anything? Probe it against a random-init twin and a trivial baseline.
+
+`probe_encoder` embeds a manifest query's volumes with the encoder and with the same architecture freshly
+initialised (`training.embed`), probes each target column from both (`training.probe`), and writes
+probe.csv (one row per target, metric and predictor), probe.json (the same plus what was left out and the
+settings) and probe.png (bars per target and metric: pretrained vs random vs baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from openmind_tools.errors import ConfigError
+from openmind_tools.loader import PatchDataset
+from openmind_tools.manifest import resolve_manifest
+from training.embed import CropPlan, Embeddings, Encoder, embed, load_encoder
+from training.probe import BASELINE, KINDS, METRICS, ProbeResult, probe, subject_groups
+
+PREDICTORS = ("pretrained", "random", BASELINE)
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    results: list[ProbeResult]
+    out: Path
+    encoder: str
+    left_out: dict[str, Any]  # volumes that could not be embedded, and per target the rows without a value
+
+    def table(self) -> pd.DataFrame:
+        """Every target's scores: one row per (target, metric, predictor)."""
+        return pd.concat([r.summary() for r in self.results], ignore_index=True)
+
+    def markdown(self) -> str:
+        """The table as a person reads it: mean ± std over folds, one column per predictor."""
+        table = self.table()
+        lines = [
+            "| target | metric | " + " | ".join(PREDICTORS) + " | volumes | subjects | folds |",
+            "|---|---|" + "---:|" * (len(PREDICTORS) + 3),
+        ]
+        for (target, metric), rows in table.groupby(["target", "metric"], sort=False):
+            cells = {r.encoder: "-" if math.isnan(r.mean) else f"{r.mean:.3f} ± {r.std:.3f}" for r in rows.itertuples()}
+            first = rows.iloc[0]
+            lines.append(
+                f"| {target} | {metric} | "
+                + " | ".join(cells[p] for p in PREDICTORS)
+                + f" | {first.n} | {first.subjects} | {rows.folds.max()} |"
+            )
+        return "\n".join(lines)
+
+
+def parse_targets(text: str) -> list[tuple[str, str | None]]:
+    """ "sex,age,magnetic_field_strength:categorical" -> [(column, kind or None = by dtype), ...]."""
+    targets = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, kind = item.partition(":")
+        if kind and kind not in KINDS:
+            raise ConfigError(f"--target {item!r}: expected COLUMN or COLUMN:KIND with KIND in {KINDS}")
+        targets.append((name, kind or None))
+    if not targets:
+        raise ConfigError("--target: expected at least one manifest column, e.g. sex,age")
+    return targets
+
+
+def probe_encoder(
+    source: str | Path,
+    manifest: str | Path,
+    targets: list[tuple[str, str | None]],
+    *,
+    out: str | Path | None = None,
+    stage: str | None = None,
+    store: str = "zarr",
+    crops: int = 1,
+    patch_size: int | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    device: str = "auto",
+    batch_size: int = 2,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> ProbeReport:
+    """Embed, probe every target from the encoder and its random-init twin, and write the outputs to `out`.
+
+    `out` defaults to `<export name>_probe/` beside the export; the embedding cache to `probe_cache/` beside
+    it, so a second target (or a second output folder) reuses the embeddings.
+    """
+    if folds < 2:
+        raise ConfigError(f"folds: expected at least 2, got {folds}")
+    encoder = load_encoder(source, stage)
+    export = Path(encoder.source)
+    out = Path(out) if out is not None else export.with_name(f"{export.stem}_probe")
+    if not out.parent.is_dir():
+        raise ConfigError(f"-o {out}: the folder {out.parent} does not exist")
+    rows, meta = resolve_manifest(manifest)
+    absent = [name for name, _ in targets if name not in rows.columns]
+    if absent:
+        raise ConfigError(f"--target: {absent} not in the manifest; its columns: {', '.join(rows.columns)}")
+    plan = CropPlan(patch_size or encoder.pretrain_patch_size, crops)
+    dataset = PatchDataset(rows, plan.patch_size, store=store, root=meta.get("store_root"))
+    run = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    )
+    cache = Path(cache_dir) if cache_dir is not None else export.with_name("probe_cache")
+    embedded: dict[str, Embeddings] = {}
+    for name, model in (("pretrained", encoder), ("random", encoder.random_init(seed))):
+        embedded[name] = embed(
+            model, dataset, plan, device=run, batch_size=batch_size, cache_dir=cache, progress=progress
+        )
+    ids = embedded["pretrained"].ids
+    rows = rows.set_index("id", drop=False).loc[ids].reset_index(drop=True)
+    groups = subject_groups(rows)
+    features = {name: _aligned(found, ids) for name, found in embedded.items()}
+    results = [
+        probe(features, rows[name], groups, target=name, kind=kind, folds=folds, seed=seed) for name, kind in targets
+    ]
+    left_out = {
+        "unreadable volumes": list(embedded["pretrained"].unreadable),
+        "rows": {r.target: r.left_out for r in results},
+    }
+    report = ProbeReport(results, out, encoder.source, left_out)
+    _write(report, encoder, manifest, plan, store, folds, seed)
+    return report
+
+
+def _aligned(found: Embeddings, ids: Any) -> Any:
+    if list(found.ids) != list(ids):
+        raise ConfigError("the encoder and its random-init twin embedded different volumes (a store changed?)")
+    return found.features
+
+
+def _write(
+    report: ProbeReport, encoder: Encoder, manifest: Any, plan: CropPlan, store: str, folds: int, seed: int
+) -> None:
+    report.out.mkdir(exist_ok=True)
+    table = report.table()
+    table.to_csv(report.out / "probe.csv", index=False)
+    settings = {
+        "encoder": encoder.source,
+        "encoder_checksum": encoder.checksum,
+        "manifest": str(manifest),
+        "store": store,
+        "patch_size": plan.patch_size,
+        "crops": plan.crops,
+        "folds": folds,
+        "seed": seed,
+    }
+    document = {"settings": settings, "left_out": report.left_out, "results": table.to_dict(orient="records")}
+    (report.out / "probe.json").write_text(json.dumps(document, indent=1, default=float) + "\n")
+    _plot(table, report.out / "probe.png", encoder.source)
+
+
+def _plot(table: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(table.groupby(["target", "metric"], sort=False))
+    columns = max(len(m) for m in METRICS.values())
+    lines = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.2 * lines), squeeze=False)
+    colours = {"pretrained": "tab:blue", "random": "tab:orange", BASELINE: "tab:grey"}
+    for ax, ((target, metric), rows) in zip(axes.flat, panels, strict=False):
+        rows = rows.set_index("encoder").reindex(list(PREDICTORS))
+        ax.bar(
+            PREDICTORS,
+            rows["mean"].fillna(0),
+            yerr=rows["std"].fillna(0),
+            capsize=4,
+            color=[colours[p] for p in PREDICTORS],
+        )
+        ax.set(title=f"{target}: {metric}", ylabel=metric)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(f"linear probes, mean ± std over grouped folds\n{title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
