@@ -1,3 +1,3 @@
 """OpenMind -> sharded stores, manifest queries, GPU patch streaming."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # 0.2: tar keys percent-encoded, PAX shards

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from openmind_tools.errors import ConfigError
+
 _MAX_MASKS = 8  # masks travel bit-packed in one channel, read back as uint8
 _EPS = 1e-7
 
 
-class AugmentError(ValueError):
+class AugmentError(ConfigError):
     """Invalid augmentation settings, inputs or saved state."""
 
 

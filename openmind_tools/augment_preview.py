@@ -14,6 +14,7 @@ from torch import Tensor
 
 from openmind_tools import zarr_store
 from openmind_tools.augment import AugmentSettings, GPUAugment
+from openmind_tools.errors import ConfigError
 from openmind_tools.manifest import resolve_manifest
 
 _VIEWS = ("axial", "coronal", "sagittal")  # slices through the RAS array's S, A and R axes
@@ -24,7 +25,7 @@ def from_nifti(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """NIfTI volumes (z-scored) and masks (thresholded at half maximum; default: voxels above the mean)."""
     if mask_paths and len(mask_paths) != len(paths):
-        raise ValueError(f"expected one mask per volume ({len(paths)}), got {len(mask_paths)}")
+        raise ConfigError(f"--mask: expected one mask per volume ({len(paths)}), got {len(mask_paths)}")
     volumes = [_fit(_load(path), size) for path in paths]
     masks = [_half_max(_fit(_load(p), size)) for p in mask_paths] if mask_paths else [v > v.mean() for v in volumes]
     return [_zscore(v) for v in volumes], masks
@@ -45,7 +46,7 @@ def from_manifest(source: str, n: int, size: tuple[int, int, int]) -> tuple[list
     """The first `n` volumes of a manifest (or query) from its Zarr store, with their anatomy masks."""
     rows, meta = resolve_manifest(source)
     if "zarr_store" not in rows or rows.empty:
-        raise SystemExit(
+        raise ConfigError(
             f"{source}: no volumes in a Zarr store to preview (convert with --format zarr, or use --nifti)"
         )
     volumes, masks = [], []

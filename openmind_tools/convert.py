@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,7 +27,8 @@ from tqdm.auto import tqdm
 
 from openmind_tools import __version__, wds_store, zarr_store
 from openmind_tools.corpus import Corpus, Rejected, SourceImage, discover
-from openmind_tools.errors import ConfigError, InputError
+from openmind_tools.errors import ConfigError, InputError, MachineError
+from openmind_tools.files import atomic_write_text, machine_error
 from openmind_tools.manifest_io import ERRORS, MANIFEST, write_table
 from openmind_tools.preprocess import PreprocessSettings, preprocess
 
@@ -80,9 +80,22 @@ def convert(
     formats = _check_formats(formats)
     out = Path(out)
     corpus = discover(root, modalities=modalities, limit=limit)
-    out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out):
-        return _convert_locked(corpus, out, settings, formats, shard_bytes, client, retry_errors, progress, start)
+    if shard_bytes < 1:
+        raise ConfigError(f"shard_bytes: expected at least 1, got {shard_bytes}")
+    run = {"root": str(Path(root).resolve()), "modalities": list(modalities) if modalities else None, "limit": limit,
+           "shard_bytes": shard_bytes}  # fmt: skip
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with _exclusive(out):
+            return _convert_locked(corpus, out, settings, formats, shard_bytes, client, retry_errors, progress, start,
+                                   run)  # fmt: skip
+    except MachineError:
+        raise
+    except OSError as e:  # the driver's own writes: journal, shards, manifest
+        machine = machine_error(e, f"writing into {out}")
+        if machine is None:
+            raise
+        raise machine from e
 
 
 def _convert_locked(
@@ -95,18 +108,24 @@ def _convert_locked(
     retry_errors: bool,
     progress: bool,
     start: float,
+    run: dict[str, Any],
 ) -> Summary:
-    _claim(out, settings, formats)
+    _claim(out, settings, formats, run)
     zarr_root = out / (ZARR_DIR if "zarr" in formats else STAGING_DIR)
     zarr_store.clean_partial(zarr_root)
 
     journal = _read_journal(out / JOURNAL)
     done = {i: r for i, r in journal.volumes.items() if not retry_errors or r["status"] == "ok"}
+    # Trust the store over the journal: a sample deleted (or removed by `verify --repair`) is converted again.
+    done = {i: r for i, r in done.items() if r["status"] != "ok" or zarr_store.is_stored(zarr_root, i)}
     todo = [img for img in corpus.images if img.id not in done]
     with _open_journal(out / JOURNAL) as log:
         results = _run(_convert_one, todo, client, progress, "convert", _worker_died, zarr_root=str(zarr_root),
                        settings=settings)  # fmt: skip
         for record in results:
+            if record["status"] == "machine":  # not the input's fault: nothing journaled, the rerun converts it
+                raise MachineError(f"{record['reason']}; nothing was recorded against {record['id']}, and rerunning "
+                                   "the same command resumes")  # fmt: skip
             done[record["id"]] = record
             _append(log, {"volume": record})
         ok = sorted(i for i in (img.id for img in corpus.images) if done[i]["status"] == "ok")
@@ -143,6 +162,10 @@ def _convert_one(image: SourceImage, zarr_root: str, settings: PreprocessSetting
         nbytes = zarr_store.write_volume(zarr_root, image.id, result.volume, {k: record[k] for k in _SAMPLE_JSON})
     except InputError as e:
         return _failure(image, type(e).__name__, str(e))
+    except OSError as e:
+        if (machine := machine_error(e, f"converting {image.image}")) is not None:
+            return {"id": image.id, "status": "machine", "reason": str(machine)}
+        return _failure(image, type(e).__name__, f"{image.image}: {type(e).__name__}: {e}")
     except Exception as e:  # an unforeseen failure of one input must not stop a 114k-volume run
         return _failure(image, type(e).__name__, f"{image.image}: {type(e).__name__}: {e}")
     return {
@@ -184,8 +207,9 @@ def _pack_shards(
         ids = [r["id"] for r in members]
         if members and not (packed.get(name, {}).get("ids") == ids and (out / name).is_file()):
             jobs.append((name, [(r["id"], tuple(r["shape"]), {k: r[k] for k in _SAMPLE_JSON}) for r in members]))
+    planned = {wds_store.shard_name(i) for i in range(len(plan))}
     for stale in (out / "shards").glob("*.tar*") if (out / "shards").is_dir() else ():
-        if f"shards/{stale.name}" not in {wds_store.shard_name(i) for i in range(len(plan))}:
+        if f"shards/{stale.name}" not in planned:
             stale.unlink()
     for name, ids, nbytes in _run(_pack_one, jobs, client, progress, "pack", out=str(out), zarr_root=str(zarr_root)):
         packed[name] = {"shard": name, "ids": ids, "nbytes": nbytes}
@@ -219,7 +243,7 @@ def _run(
                 yield fn(item, **kwargs)
                 bar.update()
             return
-        from dask.distributed import as_completed
+        from dask.distributed import KilledWorker, as_completed
 
         futures = client.map(fn, items, pure=False, **kwargs)
         item_of = {future.key: item for future, item in zip(futures, items, strict=True)}
@@ -237,8 +261,11 @@ def _run(
         for item in died:
             try:
                 result = client.submit(fn, item, pure=False, **kwargs).result()
-            except Exception as e:
+            except KilledWorker as e:  # it killed its worker alone: the input's fault
                 result = on_error(item, e)
+            except Exception as e:  # the scheduler or a worker connection was lost: the machine's
+                raise MachineError(f"the dask cluster failed while running {what} ({type(e).__name__}: {e}); "
+                                   "check the workers and rerun the same command: it resumes") from e  # fmt: skip
             bar.update()
             yield result
 
@@ -296,9 +323,12 @@ def _append(log: Any, entry: dict[str, Any]) -> None:
     log.flush()
 
 
-def _claim(out: Path, settings: PreprocessSettings, formats: tuple[str, ...]) -> None:
-    """Refuse to resume into a folder converted with other settings or formats (it would mix them)."""
-    run = {"settings": settings.to_dict(), "formats": list(formats), "converter_version": __version__}
+def _claim(out: Path, settings: PreprocessSettings, formats: tuple[str, ...], inputs: dict[str, Any]) -> None:
+    """Refuse to resume into a folder converted with other settings or formats (it would mix them).
+
+    `.run.json` also records the inputs (root, modalities, limit, shard size), so `repair` reruns exactly this.
+    """
+    run = {"settings": settings.to_dict(), "formats": list(formats), "converter_version": __version__, **inputs}
     path = out / RUN_FILE
     if path.is_file():
         previous = json.loads(path.read_text())
@@ -307,8 +337,12 @@ def _claim(out: Path, settings: PreprocessSettings, formats: tuple[str, ...]) ->
                 f"{out} holds a conversion with settings {previous['settings']} and formats {previous['formats']}; "
                 f"this run asks for {run['settings']} and {run['formats']}: use another output folder"
             )
-    path.with_suffix(".partial").write_text(json.dumps(run, indent=1))
-    os.replace(path.with_suffix(".partial"), path)
+        if previous.get("converter_version") != __version__:  # another store layout: mixing would break reads
+            raise ConfigError(
+                f"{out} was written by converter {previous.get('converter_version')}, this is {__version__}: "
+                "convert into a new output folder"
+            )
+    atomic_write_text(path, json.dumps(run, indent=1))
 
 
 def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:

@@ -68,7 +68,8 @@ def discover(root: str | Path, modalities: Sequence[str] | None = None, limit: i
     images = images[:limit] if limit is not None else images
     ids = [i.id for i in images]
     everything = not modalities and limit is None
-    rejected = [r for r in corpus.rejected if everything or r.id in set(ids)]  # a trial reports its own rows
+    chosen = set(ids)
+    rejected = [r for r in corpus.rejected if everything or r.id in chosen]  # a trial reports its own rows
     return Corpus(root, images, corpus.table.loc[ids], rejected)
 
 

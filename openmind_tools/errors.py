@@ -1,7 +1,8 @@
 """Errors of openmind-tools, in a small hierarchy that also subclasses the builtins.
 
-A converter catches `InputError` per volume and writes it to errors.parquet; anything else is a bug
-and stops the run. Every message names the file (or volume id) and the reason.
+A converter catches `InputError` per volume and writes it to errors.parquet; a `MachineError` stops the
+run without blaming the input; anything else is a bug and stops the run. Every message names the file
+(or volume id) and the reason.
 """
 
 
@@ -19,3 +20,10 @@ class StoreError(OpenMindError, OSError):
 
 class ConfigError(OpenMindError, ValueError):
     """A setting, preset or query that cannot be honoured; raised before any work starts."""
+
+
+class MachineError(OpenMindError, OSError):
+    """The machine failed, not the input: disk full, I/O error, too many open files, a lost dask worker.
+
+    Nothing is recorded against the input; the message says what to free or fix, and a rerun resumes.
+    """

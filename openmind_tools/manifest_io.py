@@ -8,7 +8,6 @@ sub-manifest written by a query still tells the loader how its stores were made.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,8 @@ import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from openmind_tools.files import atomic_write
 
 META_KEY = b"openmind"
 MANIFEST, ERRORS = "manifest.parquet", "errors.parquet"  # the file names inside a conversion's OUT
@@ -25,9 +26,8 @@ def write_table(df: pd.DataFrame, path: str | Path, meta: dict[str, Any]) -> Non
     path = Path(path)
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
-    tmp = path.with_name(path.name + ".partial")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        pq.write_table(table, f)
 
 
 def read_table(path: str | Path, storage_options: dict[str, Any] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:

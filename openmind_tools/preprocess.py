@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from openmind_tools.errors import ConfigError, InputError
+from openmind_tools.files import file_problem
 from openmind_tools.volume import Volume, mask_code
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
@@ -146,8 +147,9 @@ def preprocess(
 def load_nifti(path: str | Path, volume_index: int | None = None) -> nib.Nifti1Image:
     """Read a .nii/.nii.gz fully into memory, checking gzip integrity, and reduce it to one 3D volume."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
+    problem = file_problem(path)  # a FIFO would block the read forever
+    if problem:
+        raise InputError(f"{path}: {problem}")
     raw = path.read_bytes()
     if not raw:
         raise InputError(f"{path}: zero-byte file")

@@ -1,53 +1,100 @@
-"""Re-read every stored sample and compare it with its manifest row (checksum of the decoded arrays).
+"""Re-read every stored sample and compare it with its manifest row; `repair` reconverts what is damaged.
 
 A flipped byte in a store either breaks the decode (blosc, npy or tar header) or changes the decoded
-arrays, so each corruption shows up as one problem naming the volume and the file.
+arrays, so each corruption shows up as one problem naming the volume and the file. `repair` deletes the
+damaged samples (and tar shards) and reruns the conversion `OUT/.run.json` recorded: the rerun checks
+its journal against the store, so it converts exactly those volumes again and repacks those shards.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from openmind_tools import wds_store, zarr_store
+from openmind_tools.errors import ConfigError
 from openmind_tools.manifest_io import MANIFEST, read_table
 
 
-def verify(out: str | Path, progress: bool = True) -> list[str]:
+@dataclass(frozen=True)
+class Problem:
+    volume_id: str | None  # None when a whole shard is unreadable
+    path: Path
+    store: str  # "zarr" | "wds"
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.volume_id + ': ' if self.volume_id else ''}{self.path}: {self.reason}"
+
+
+def verify(out: str | Path, progress: bool = True) -> list[Problem]:
     """Problems found in `out` (empty when every sample of every store matches the manifest)."""
     out = Path(out)
-    manifest, _ = read_table(out / MANIFEST)
-    problems: list[str] = []
+    try:
+        manifest, _ = read_table(out / MANIFEST)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{out / MANIFEST}: not a readable manifest ({type(e).__name__}: {e})") from None
+    problems: list[Problem] = []
     if "zarr_store" in manifest:
         for row in tqdm(manifest.itertuples(), total=len(manifest), desc="verify zarr", disable=not progress):
             root = out / row.zarr_store
+            path = root / row.zarr_array
             try:
                 got = zarr_store.read_volume(str(root), row.id, tuple(row.shape)).checksum()
             except Exception as e:  # any decode failure is a finding, not a crash
-                problems.append(f"{row.id}: {root / row.zarr_array}: unreadable ({type(e).__name__}: {e})")
+                problems.append(Problem(row.id, path, "zarr", f"unreadable ({type(e).__name__}: {e})"))
                 continue
             if got != row.checksum:
-                problems.append(f"{row.id}: {root / row.zarr_array}: checksum {got} != manifest {row.checksum}")
+                problems.append(Problem(row.id, path, "zarr", f"checksum {got} != manifest {row.checksum}"))
     if "wds_shard" in manifest:
         problems += _verify_shards(out, manifest, progress)
     return problems
 
 
-def _verify_shards(out: Path, manifest: pd.DataFrame, progress: bool) -> list[str]:
+def repair(out: str | Path, problems: list[Problem], client: Any = None, progress: bool = True) -> Any:
+    """Delete what `problems` name and rerun the recorded conversion; returns its Summary."""
+    from openmind_tools.convert import RUN_FILE, STAGING_DIR, ZARR_DIR, convert
+    from openmind_tools.preprocess import PreprocessSettings
+
+    out = Path(out)
+    try:
+        run = json.loads((out / RUN_FILE).read_text())
+        root = run["root"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"{out / RUN_FILE} does not record the corpus root (written by an older converter): "
+            "rerun 'openmind-convert ROOT OUT' with the original arguments instead"
+        ) from None
+    zarr_root = out / (ZARR_DIR if "zarr" in run["formats"] else STAGING_DIR)
+    for problem in problems:
+        if problem.store == "zarr" and problem.volume_id is not None:
+            zarr_store.delete_volume(zarr_root, problem.volume_id)
+        elif problem.store == "wds":
+            problem.path.unlink(missing_ok=True)  # the rerun repacks it from the Zarr copy
+    return convert(root, out, settings=PreprocessSettings.from_dict(run["settings"]), formats=run["formats"],
+                   modalities=run["modalities"], limit=run["limit"], shard_bytes=run["shard_bytes"], client=client,
+                   progress=progress)  # fmt: skip
+
+
+def _verify_shards(out: Path, manifest: pd.DataFrame, progress: bool) -> list[Problem]:
     problems = []
     for shard, rows in tqdm(manifest.groupby("wds_shard"), desc="verify shards", disable=not progress):
+        path = out / shard
         expected = dict(zip(rows["id"], rows["checksum"], strict=True))
         seen = set()
         try:
-            for volume_id, volume, _ in wds_store.iter_shard(out / shard):
+            for volume_id, volume, _ in wds_store.iter_shard(path):
                 seen.add(volume_id)
                 if volume_id not in expected:
-                    problems.append(f"{out / shard}: holds {volume_id}, which the manifest places elsewhere")
+                    problems.append(Problem(volume_id, path, "wds", "held here, but the manifest places it elsewhere"))
                 elif volume.checksum() != expected[volume_id]:
-                    problems.append(f"{volume_id}: {out / shard}: checksum differs from the manifest")
+                    problems.append(Problem(volume_id, path, "wds", "checksum differs from the manifest"))
         except Exception as e:
-            problems.append(f"{out / shard}: unreadable ({type(e).__name__}: {e})")
-        problems += [f"{vid}: missing from {out / shard}" for vid in sorted(set(expected) - seen)]
+            problems.append(Problem(None, path, "wds", f"unreadable ({type(e).__name__}: {e})"))
+        problems += [Problem(vid, path, "wds", "missing from the shard") for vid in sorted(set(expected) - seen)]
     return problems

@@ -1,18 +1,19 @@
 """WebDataset layout of converted volumes: the only module that knows the tar member names.
 
 Shard `shards/shard-NNNNNN.tar` holds one sample per volume, keyed by the volume id (slashes kept,
-dots replaced): `<key>.image.npy` (X, Y, Z) float16, `<key>.mask.npy` (X, Y, Z) uint8 mask code (bit 0
-anatomy, bit 1 deface) and `<key>.json` (id, affine, spacing). Members are plain .npy, so
-`webdataset.WebDataset(url).decode()` and `tar tf` read them; they are uncompressed because tar shards
-serve sequential streaming where decode time, not bytes, is scarce. Nothing is unpickled:
-`decode_sample` reads only these three members with `allow_pickle=False`.
+`%` and `.` percent-encoded, so two ids never share a key): `<key>.image.npy` (X, Y, Z) float16,
+`<key>.mask.npy` (X, Y, Z) uint8 mask code (bit 0 anatomy, bit 1 deface) and `<key>.json` (id,
+affine, spacing). Members are plain .npy, so `webdataset.WebDataset(url).decode()` and `tar tf` read
+them; they are uncompressed because tar shards serve sequential streaming where decode time, not
+bytes, is scarce. Shards are POSIX.1-2001 (PAX) tar: no 100-byte limit on member names (OpenMind's
+many-entity BIDS names exceed it), and webdataset, Python's tarfile and GNU tar read it. Nothing is
+unpickled: `decode_sample` reads only these three members with `allow_pickle=False`.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from openmind_tools.errors import StoreError
+from openmind_tools.files import atomic_write, file_problem
 from openmind_tools.volume import Volume
 
 MEMBERS = ("image.npy", "mask.npy", "json")
@@ -31,8 +33,11 @@ def shard_name(index: int) -> str:
 
 
 def sample_key(volume_id: str) -> str:
-    """webdataset splits a member name at the first dot of its basename, so ids must not contain dots."""
-    return volume_id.replace(".", "_")
+    """webdataset splits a member name at the first dot of its basename, so a key holds no dot.
+
+    Percent-encoding `%` and `.` keeps keys unique: `acq-1.5mm` and `acq-1_5mm` stay two keys.
+    """
+    return volume_id.replace("%", "%25").replace(".", "%2E")
 
 
 def sample_nbytes(shape: Sequence[int]) -> int:
@@ -47,9 +52,8 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, Volume, dict[str,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tar.partial")
     sizes: dict[str, int] = {}
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for volume_id, volume, meta in samples:
             key = sample_key(volume_id)
             members = (_npy(volume.image), _npy(volume.mask_code), json.dumps(meta).encode())
@@ -58,7 +62,6 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, Volume, dict[str,
                 info.size, info.mode = len(payload), 0o444
                 tar.addfile(info, io.BytesIO(payload))
             sizes[key] = sum(len(m) for m in members)
-    os.replace(tmp, path)
     return sizes
 
 
@@ -74,6 +77,9 @@ def decode_sample(sample: dict[str, Any]) -> tuple[str, Volume, dict[str, Any]]:
 def iter_shard(path: str | Path) -> Iterator[tuple[str, Volume, dict[str, Any]]]:
     """Read every sample of a local shard with tarfile alone (verify and tests; the loader uses webdataset)."""
     sample: dict[str, Any] = {}
+    problem = file_problem(path)  # a FIFO would block tarfile forever
+    if problem:
+        raise StoreError(f"{path}: {problem}")
     with tarfile.open(path, "r") as tar:
         for info in tar:
             key, _, ext = info.name.partition(".")

@@ -25,6 +25,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from openmind_tools.errors import StoreError
+from openmind_tools.files import file_problem
 from openmind_tools.volume import Volume
 
 CHUNK_KEY = "c/0/0/0/0"  # the only chunk of a (2, X, Y, Z) array with chunk_key_encoding "default"
@@ -87,6 +88,8 @@ def read_volume(
     """Fetch and decode the volume's one chunk object; `shape` is the manifest's (X, Y, Z)."""
     url = f"{str(root).rstrip('/')}/{array_path(volume_id)}/{CHUNK_KEY}"
     fs = fs or fsspec.core.url_to_fs(url)[0]
+    if _is_local(fs) and (problem := file_problem(fs._strip_protocol(url))) not in (None, "file not found"):
+        raise StoreError(f"volume {volume_id}: {url}: {problem}")  # a FIFO would block the read forever
     try:
         raw = fs.cat_file(url)
     except FileNotFoundError:
@@ -99,6 +102,20 @@ def read_volume(
         )
     numcodecs.blosc.decompress(raw, data)
     return unpack(data)
+
+
+def is_stored(root: str | Path, volume_id: str) -> bool:
+    """Whether the volume's chunk is on local disk (a stat, no read): a rerun's check of its journal."""
+    return file_problem(Path(root) / array_path(volume_id) / CHUNK_KEY) is None
+
+
+def delete_volume(root: str | Path, volume_id: str) -> None:
+    """Remove a (damaged) volume's array so the next run converts it again."""
+    shutil.rmtree(Path(root) / array_path(volume_id), ignore_errors=True)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def open_volume(root: str | Path, volume_id: str) -> zarr.Array:

@@ -280,13 +280,14 @@ def test_preview_cli_writes_a_montage(tmp_path):
     assert pixels.shape[0] >= 1.5 * pixels.shape[1] and pixels[..., :3].std() > 0.1  # 6 rows of 3 slices, not blank
 
 
-def test_preview_cli_reads_a_manifest_query(demo_out, tmp_path):
+def test_preview_cli_reads_a_manifest_query(demo_out, tmp_path, capsys):
     png = tmp_path / "preview.png"
     query = f"modality=T1w of {demo_out / 'manifest.parquet'}"
     assert preview_main([query, "-o", str(png), "--n", "2", "--in-size", "64", "--out-size", "48"]) == 0
     assert imread(png)[..., :3].std() > 0.1
-    with pytest.raises(SystemExit, match="either a MANIFEST or --nifti"):
-        preview_main(["-o", str(png)])
+    assert preview_main(["-o", str(png)]) == 2 and "either a MANIFEST or --nifti" in capsys.readouterr().err
+    assert preview_main([query, "-o", str(tmp_path / "no" / "x.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

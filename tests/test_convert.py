@@ -234,7 +234,7 @@ def test_verify_catches_a_single_flipped_byte(demo_corpus: Path, tmp_path: Path)
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x01
         path.write_bytes(bytes(data))
-    problems = verify(out, progress=False)
+    problems = [str(p) for p in verify(out, progress=False)]
     assert any(str(chunk.parent.parent) in p or victim["id"] in p and "store.zarr" in p for p in problems)
     assert any(str(shard) in p for p in problems)
     assert main(["verify", str(out), "--quiet"]) == EXIT_FAILURES

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from moto.server import ThreadedMotoServer
 
-from openmind_tools.cli.manifest import EXIT_EMPTY, EXIT_OK, EXIT_USAGE, main
+from openmind_tools.cli.common import EXIT_OK, EXIT_USAGE
+from openmind_tools.cli.manifest import EXIT_EMPTY, main
 from openmind_tools.errors import ConfigError
 from openmind_tools.manifest import (
     EmptyResultWarning,

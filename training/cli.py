@@ -13,65 +13,82 @@ import json
 import sys
 from pathlib import Path
 
+from openmind_tools.cli.common import existing_dir, existing_parent, run_command
 from openmind_tools.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv and argv[0] == "export":
-            return _export(argv[1:])
-        return _train(argv)
-    except ConfigError as e:
-        print(f"openmind-train: error: {e}", file=sys.stderr)
-        return 2
+    if argv and argv[0] == "export":
+        return run_command("openmind-train export", lambda: _export_parser().parse_args(argv[1:]), _export)
+    return run_command("openmind-train", lambda: _train_parser().parse_known_args(argv), _train)
 
 
-def _train(argv: list[str]) -> int:
+def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="openmind-train",
         description="Pretrain ResEnc with the stages of a TOML recipe (VoCo, then MAE) from openmind-convert "
         "stores. Run under torchrun for several GPUs/nodes. Extra --run.KEY=VALUE / --stages.NAME.KEY=VALUE "
         "arguments override the recipe. Subcommand: 'openmind-train export RUN -o encoder.pt'.",
+        epilog="Exit status: 0 done, 2 bad arguments or recipe (checked before any work), 3 an unreadable store, "
+        "4 the machine failed (disk full, I/O error).",
     )
     p.add_argument("config", help="recipe, e.g. training/configs/demo.toml")
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN exactly where it stopped")
-    args, overrides = p.parse_known_args(argv)
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a run folder that holds a run")
+    return p
+
+
+def _train(parsed: tuple[argparse.Namespace, list[str]]) -> int:
+    args, overrides = parsed
     from training.config import load_config
     from training.train import train
 
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite: choose one")
     if args.resume:
         overrides.append(f"--run.out={json.dumps(args.resume)}")
     cfg = load_config(args.config, overrides)
-    out = train(cfg, resume=bool(args.resume))
+    out = train(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     print(f"run folder: {out} (per-stage *_log.csv, *_loss.png, *_encoder.pt for nnU-Net ResEnc fine-tuning)")
     return 0
 
 
-def _export(argv: list[str]) -> int:
+def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="openmind-train export",
         description="Write a stage's weights with the nnssl adaptation plan nnU-Net's ResEnc-L fine-tuning loads; "
         "the weights are checked by a strict load into a fresh network before anything is written.",
     )
-    p.add_argument("run", help="run folder written by openmind-train")
-    p.add_argument("-o", "--output", required=True, help="file to write, e.g. encoder.pt")
+    p.add_argument("run", type=existing_dir, help="run folder written by openmind-train")
+    p.add_argument("-o", "--output", required=True, type=existing_parent, help="file to write, e.g. encoder.pt")
     p.add_argument("--stage", help="stage to export (default: the last one)")
-    args = p.parse_args(argv)
+    return p
+
+
+def _export(args: argparse.Namespace) -> int:
     import torch
 
     from training.model import PRESETS, export_encoder, nnssl_pretrain_plan
 
-    cfg = json.loads((Path(args.run) / "config.json").read_text())
-    stages = {s["name"]: s for s in cfg["stages"]}
+    try:
+        cfg = json.loads((Path(args.run) / "config.json").read_text())
+        stages = {s["name"]: s for s in cfg["stages"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{args.run}: not a run folder of openmind-train ({type(e).__name__}: {e})") from None
     name = args.stage or cfg["stages"][-1]["name"]
     if name not in stages:
         raise ConfigError(f"--stage: {name!r} is not one of {list(stages)}")
     weights = Path(args.run) / f"{name}_final.pt"
     if not weights.is_file():
         raise ConfigError(f"{weights}: stage {name!r} has not finished in {args.run}")
+    if cfg.get("model") not in PRESETS:
+        raise ConfigError(f"{args.run}/config.json: model {cfg.get('model')!r} is not one of {sorted(PRESETS)}")
     net = PRESETS[cfg["model"]]()
-    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    try:
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    except Exception as e:  # a damaged or foreign file fails in many ways; all mean the same here
+        raise ConfigError(f"{weights}: not the weights of {cfg['model']} ({type(e).__name__}: {e})") from None
     plan = nnssl_pretrain_plan(patch_size=(stages[name]["out_size"],) * 3)
     path = export_encoder(net, cfg["model"], args.output, plan)
     print(f"exported {name} weights of {cfg['model']} to {path}")

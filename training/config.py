@@ -14,6 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from openmind_tools.augment import AugmentSettings
 from openmind_tools.errors import ConfigError
 
 
@@ -25,6 +26,8 @@ class StageConfig:
     preset: str | None = None  # a named selection in manifests/ (mae8, all, ...)
     min_quality: int | None = None  # image_quality_score <= this (1 best .. 5 worst)
     store: str = "zarr"  # "zarr" | "wds"
+    on_error: str = "raise"  # an unreadable volume: "raise" stops the run, "skip" replaces it (see max_skipped)
+    max_skipped: float = 0.01  # with on_error="skip": the share of an interval's volumes after which it stops
     epochs: int = 1
     max_steps: int | None = None  # stop the stage early (demo, tests)
     batch_size: int = 2  # per rank
@@ -46,6 +49,16 @@ class StageConfig:
     augment: dict[str, Any] = field(default_factory=dict)  # openmind_tools.augment.AugmentSettings overrides
 
     def __post_init__(self) -> None:
+        where = f"stages.{self.name}"
+        _in_range(where, self, epochs=(1, None), max_steps=(0, None), batch_size=(1, None), patch_size=(1, None),
+                  out_size=(1, None), crops_per_volume=(1, None), num_workers=(0, None), lr=(0, None, "open"),
+                  weight_decay=(0, None), warmup_steps=(0, None), grad_clip=(0, None, "open"),
+                  foreground_bias=(0, 1), voco_momentum=(0, 1, "right-open"), voco_head_dim=(1, None),
+                  mask_ratio=(0, 1, "open"), block_size=(1, None), max_skipped=(0, 1))  # fmt: skip
+        for key, allowed in (("store", ("zarr", "wds")), ("on_error", ("raise", "skip"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{where}.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
+        AugmentSettings.from_dict({"out_size": self.out_size, **self.augment})  # names a misspelt key
         if self.objective not in ("voco", "mae"):
             raise ConfigError(f"stages.{self.name}.objective: expected 'voco' or 'mae', got {self.objective!r}")
         if self.optimizer not in ("sgd", "adamw"):
@@ -70,6 +83,15 @@ class RunConfig:
     log_every: int = 10  # steps between log lines
     checkpoint_every: int = 200  # steps between checkpoints (one is also written at each stage end)
     stages: tuple[StageConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        from training.model import PRESETS  # here, not at import: reading a recipe needs no network code
+
+        if self.model not in PRESETS:
+            raise ConfigError(f"run.model: expected one of {sorted(PRESETS)}, got {self.model!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"run.device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        _in_range("run", self, log_every=(1, None), checkpoint_every=(1, None))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,6 +145,22 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         if key != "stages" and not _fits(value, hints[key]):
             raise ConfigError(f"{where}.{key}: expected {hints[key]}, got {value!r}")
     return cls(**{k: (float(v) if hints[k] is float and isinstance(v, int) else v) for k, v in values.items()})
+
+
+def _in_range(where: str, config: Any, **bounds: tuple) -> None:
+    """Each named field within (low, high[, "open" | "right-open"]); None is unbounded; unset (None) fields pass."""
+    for key, (low, high, *kind) in bounds.items():
+        value = getattr(config, key)
+        if value is None:
+            continue
+        open_low = kind and kind[0] == "open"
+        open_high = kind and kind[0] in ("open", "right-open")
+        below = value <= low if open_low else value < low
+        above = high is not None and (value >= high if open_high else value > high)
+        if below or above:
+            left, right = "(" if open_low else "[", ")" if open_high or high is None else "]"
+            raise ConfigError(f"{where}.{key}: expected a value in {left}{low}, {'inf' if high is None else high}"
+                              f"{right}, got {value!r}")  # fmt: skip
 
 
 def _fits(value: Any, hint: Any) -> bool:

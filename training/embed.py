@@ -13,8 +13,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import os
-import secrets
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from tqdm.auto import tqdm
 
 from openmind_tools.errors import ConfigError, StoreError
+from openmind_tools.files import atomic_write
 from openmind_tools.loader import PatchDataset
 from openmind_tools.loader_stages import batches, fixed_crops, unpack_masks
 from openmind_tools.volume import Volume
@@ -216,17 +215,11 @@ def _read_cache(path: Path, key: str) -> Embeddings | None:
 
 def _write_cache(path: Path, key: str, found: Embeddings) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            np.savez(
-                f,
-                key=np.array(key),
-                ids=found.ids,
-                features=found.features,
-                unreadable=np.array(found.unreadable, dtype=str),
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        np.savez(
+            f,
+            key=np.array(key),
+            ids=found.ids,
+            features=found.features,
+            unreadable=np.array(found.unreadable, dtype=str),
+        )

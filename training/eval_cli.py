@@ -10,26 +10,13 @@ Exit status: 0 done, 2 bad arguments (or an encoder, manifest or target that can
 from __future__ import annotations
 
 import argparse
-import sys
 
-from openmind_tools.errors import ConfigError, StoreError
-
-EXIT_OK, EXIT_USAGE, EXIT_STORE = 0, 2, 3
+from openmind_tools.cli.common import EXIT_OK, positive_int, run_command
+from openmind_tools.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error argparse has already reported (2)
-        return int(e.code or 0)
-    try:
-        return _probe(args)
-    except ConfigError as e:
-        print(f"openmind-eval: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except StoreError as e:
-        print(f"openmind-eval: store error: {e}", file=sys.stderr)
-        return EXIT_STORE
+    return run_command("openmind-eval", lambda: _parser().parse_args(argv), _probe)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,14 +59,14 @@ def _parser() -> argparse.ArgumentParser:
         help="fixed crops per volume, averaged: 1 = centre, 9 = centre + 8 quarter points (default 1)",
     )
     q.add_argument(
-        "--patch-size", type=_positive, help="crop edge in voxels (default: the encoder's pretraining patch)"
+        "--patch-size", type=positive_int, help="crop edge in voxels (default: the encoder's pretraining patch)"
     )
     q.add_argument(
-        "--folds", type=_positive, default=5, help="cross-validation folds, at most one per subject (default 5)"
+        "--folds", type=positive_int, default=5, help="cross-validation folds, at most one per subject (default 5)"
     )
     q.add_argument("--seed", type=int, default=0, help="seed of the folds and the random-init encoder (default 0)")
     q.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
-    q.add_argument("--batch-size", type=_positive, default=2, help="crops per forward pass (default 2)")
+    q.add_argument("--batch-size", type=positive_int, default=2, help="crops per forward pass (default 2)")
     q.add_argument("--cache", help="embedding cache folder (default: probe_cache/ beside the export)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -122,13 +109,3 @@ def _probe(args: argparse.Namespace) -> int:
         print(f"{len(unreadable)} volume(s) could not be read and were left out, e.g. {unreadable[0]}")
     print(f"wrote {report.out}/probe.csv, probe.json, probe.png")
     return EXIT_OK
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value

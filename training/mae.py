@@ -21,6 +21,8 @@ import torch
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
+from openmind_tools.errors import ConfigError
+
 
 def block_mask(
     batch_size: int,
@@ -35,7 +37,7 @@ def block_mask(
     The block choice is drawn on the generator's device at block resolution, then expanded on `device`.
     """
     if any(s % block_size for s in spatial_shape):
-        raise ValueError(f"spatial_shape: expected multiples of block_size {block_size}, got {tuple(spatial_shape)}")
+        raise ConfigError(f"spatial_shape: expected multiples of block_size {block_size}, got {tuple(spatial_shape)}")
     grid = [s // block_size for s in spatial_shape]
     n_blocks = grid[0] * grid[1] * grid[2]
     n_masked = int(ratio * n_blocks)
@@ -56,11 +58,11 @@ class MAELoss(nn.Module):
     def __init__(self, net: ResidualEncoderUNet, mask_ratio: float = 0.75, block_size: int = 16) -> None:
         super().__init__()
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio: expected in (0, 1), got {mask_ratio}")
+            raise ConfigError(f"mask_ratio: expected in (0, 1), got {mask_ratio}")
         if block_size < 1:
-            raise ValueError(f"block_size: expected >= 1, got {block_size}")
+            raise ConfigError(f"block_size: expected >= 1, got {block_size}")
         if net.decoder.deep_supervision:
-            raise ValueError("net: expected deep_supervision=False (MAE reconstructs one full-resolution output)")
+            raise ConfigError("net: expected deep_supervision=False (MAE reconstructs one full-resolution output)")
         # Without deep supervision only the last seg layer is used; freezing the others lets DDP wrap this
         # module without find_unused_parameters (they are re-initialised downstream anyway).
         for layer in net.decoder.seg_layers[:-1]:

@@ -9,7 +9,6 @@ with the plan serialised as nnssl's `AdaptationPlan.serialize()` writes it. Arra
 import io
 import os
 import pickle
-import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,9 @@ import torch
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 from torch import nn
+
+from openmind_tools.errors import ConfigError, OpenMindError
+from openmind_tools.files import atomic_write
 
 # Per preset: (features_per_stage, n_blocks_per_stage). ResEnc-L from nnssl's architecture_registry.py;
 # resenc_tiny keeps the block structure but is small enough for CPU tests (a 32^3 training step ~0.1 s CPU).
@@ -61,14 +63,14 @@ _CONFIGURATION_KEYS = frozenset(
 )
 
 
-class ExportError(ValueError):
+class ExportError(OpenMindError, ValueError):
     """An encoder export that would not load downstream; raised before anything is written."""
 
 
 def arch_kwargs(arch_name: str) -> dict[str, Any]:
     """The `ResidualEncoderUNet` kwargs of a preset, with exactly the fields of nnssl's `DynamicArchitecturePlans`."""
     if arch_name not in _TOPOLOGY:
-        raise ValueError(f"expected arch_name in {sorted(_TOPOLOGY)}, got {arch_name!r}")
+        raise ConfigError(f"model: expected one of {sorted(_TOPOLOGY)}, got {arch_name!r}")
     features, blocks = _TOPOLOGY[arch_name]
     n_stages = len(features)
     return {
@@ -261,19 +263,8 @@ def _serialise(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _atomic_save(obj: dict[str, Any], path: Path) -> Path:
-    """torch.save to a temporary file in the target folder, fsync, then `os.replace` (a reader never sees half).
-
-    The temporary file is opened with plain `open` so the result gets the usual umask permissions, not mkstemp's 0600.
-    """
+    """torch.save, whole or not at all (`openmind_tools.files.atomic_write`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(obj, f)
     return path

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 
 from openmind_tools.augment import AugmentSettings, GPUAugment
 from openmind_tools.errors import ConfigError
+from openmind_tools.files import atomic_write, atomic_write_text
 from openmind_tools.loader import PatchDataset, make_loader
 from openmind_tools.manifest import EmptyResultWarning, resolve_manifest, write_manifest
 from training.config import RunConfig, StageConfig
@@ -38,8 +41,13 @@ from training.voco import VoCoLoss
 CHECKPOINT = "checkpoint.pt"
 
 
-def train(cfg: RunConfig, resume: bool = False) -> Path:
-    """Run every stage of `cfg`; returns the run folder."""
+def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run every stage of `cfg`; returns the run folder.
+
+    One training per run folder: a second one into it is refused while the first holds its lock, and a new
+    run into a folder that holds a finished or stopped one is refused unless `resume` (continue it) or
+    `overwrite` (delete its checkpoint, logs and weights first) says what to do.
+    """
     ddp = "RANK" in os.environ
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if ddp:
@@ -52,16 +60,28 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
         torch.cuda.set_device(device)
     master = rank == 0
     out = Path(cfg.out)
-    if resume and not (out / CHECKPOINT).is_file():
+    if resume and not (out / CHECKPOINT).is_file():  # before the lock: a refused resume creates nothing
         raise ConfigError(f"{out / CHECKPOINT}: nothing to resume")
-    state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True) if resume else None
+    with contextlib.ExitStack() as held:
+        if master:
+            held.enter_context(_exclusive(out))
+        _train_locked(cfg, resume, overwrite, ddp, device, rank, world, master, out)
+    return out
+
+
+def _train_locked(cfg, resume, overwrite, ddp, device, rank, world, master, out) -> None:
+    if not resume and master and _holds_run(out):
+        if not overwrite:
+            raise ConfigError(f"{out} holds a run: --resume {out} continues it, --overwrite starts afresh (deleting "
+                              "its checkpoint, logs and weights), or choose another --run.out")  # fmt: skip
+        _delete_run(out, [stage.name for stage in cfg.stages])
+    state = _load_checkpoint(out / CHECKPOINT) if resume else None
     if state is not None and state["config"] != _plain(cfg):
         changed = sorted(k for k in _plain(cfg) if _plain(cfg)[k] != state["config"].get(k))
         raise ConfigError(f"{out}: --resume needs the config the run started with; these differ: {changed}")
     selections = [_select(stage) for stage in cfg.stages]  # an empty stage fails before any training
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_plain(cfg), indent=1))
+    if master and state is None:  # a resumed run keeps the files its start wrote
+        atomic_write_text(out / "config.json", json.dumps(_plain(cfg), indent=1))
         for stage, (rows, meta) in zip(cfg.stages, selections, strict=True):
             write_manifest(rows, out / f"{stage.name}_manifest.parquet", meta)  # what this stage trains on
     try:
@@ -73,7 +93,42 @@ def train(cfg: RunConfig, resume: bool = False) -> Path:
     finally:
         if ddp:
             dist.destroy_process_group()
-    return out
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """One training per run folder (two would race on the checkpoint): an flock held for the whole run."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / ".lock").open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{out}: another openmind-train is running in this folder") from None
+        yield
+
+
+def _holds_run(out: Path) -> bool:
+    return any((out / name).exists() for name in ("config.json", CHECKPOINT)) or any(out.glob("*_log.csv"))
+
+
+def _delete_run(out: Path, stages: list[str]) -> None:
+    """--overwrite: remove what an earlier run wrote, so no old log row or weight survives into the new run."""
+    names = {"config.json", CHECKPOINT} | {p.name for p in out.glob("*_log.csv")}
+    for stage in stages:
+        names |= {f"{stage}_{suffix}" for suffix in ("final.pt", "encoder.pt", "loss.png", "manifest.parquet")}
+    for name in names:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file fails in many ways (pickle, zip, EOF); all mean this
+        raise ConfigError(f"{path}: not a checkpoint that loads ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not {"config", "stage", "step"} <= set(state):
+        raise ConfigError(f"{path}: not a checkpoint of openmind-train")
+    return state
 
 
 def _run_stage(
@@ -103,8 +158,8 @@ def _run_stage(
     loader = make_loader(dataset, stage.batch_size, num_workers=stage.num_workers, device=device)
     schedule_steps = stage.epochs * len(loader)  # max_steps stops early without changing the schedule
     total_steps = schedule_steps if stage.max_steps is None else min(schedule_steps, stage.max_steps)
-    augment = GPUAugment(AugmentSettings(**{"out_size": stage.out_size, "seed": cfg.seed + 7919 * rank,
-                                            **stage.augment}))  # fmt: skip
+    augment = GPUAugment(AugmentSettings.from_dict({"out_size": stage.out_size, "seed": cfg.seed + 7919 * rank,
+                                                    **stage.augment}))  # fmt: skip
     generator = torch.Generator().manual_seed(cfg.seed + 104729 * rank + index)
 
     init = out / f"{stage.init_from}_final.pt" if stage.init_from is not None else None
@@ -149,7 +204,8 @@ def _run_stage(
     bar.close()
     loader.close()
     if master:
-        torch.save(t.net.state_dict(), out / f"{stage.name}_final.pt")
+        with atomic_write(out / f"{stage.name}_final.pt") as f:  # init_from and export read it back
+            torch.save(t.net.state_dict(), f)
         plan = nnssl_pretrain_plan(patch_size=(stage.out_size,) * 3)
         export_encoder(t.net, cfg.model, out / f"{stage.name}_encoder.pt", plan)
         if log.path.exists():  # a stage stopped at step 0 has nothing to plot
@@ -277,9 +333,8 @@ def _checkpoint(cfg, out, index, step, t: Trainable, augment, loader, generator,
         "scheduler": t.scheduler.state_dict(),
         **{key: [g[key] for g in gathered] for key in local},
     }
-    tmp = out / f"{CHECKPOINT}.partial"
-    torch.save(state, tmp)
-    os.replace(tmp, out / CHECKPOINT)
+    with atomic_write(out / CHECKPOINT) as f:
+        torch.save(state, f)
 
 
 class _Log:

@@ -29,6 +29,7 @@ from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 from torch import nn
 
+from openmind_tools.errors import ConfigError
 from training.model import encoder_features
 
 
@@ -55,7 +56,7 @@ def sample_crops(
     to 1. Deterministic for a given generator state; pure tensor math on the generator's device.
     """
     if len(region_shape) != 3 or any(s % g for s, g in zip(region_shape, grid, strict=True)):
-        raise ValueError(f"region_shape: expected 3 axes divisible by grid {tuple(grid)}, got {tuple(region_shape)}")
+        raise ConfigError(f"region_shape: expected 3 axes divisible by grid {tuple(grid)}, got {tuple(region_shape)}")
     crop_size = tuple(s // g for s, g in zip(region_shape, grid, strict=True))
     axes = [torch.arange(g, device=generator.device) * c for g, c in zip(grid, crop_size, strict=True)]
     base_starts = torch.cartesian_prod(*axes)
@@ -96,11 +97,11 @@ class VoCoLoss(nn.Module):
     ) -> None:
         super().__init__()
         if len(grid) != 3 or min(grid) < 1 or grid[0] * grid[1] * grid[2] < 2:
-            raise ValueError(f"grid: expected 3 positive ints giving at least 2 base crops, got {tuple(grid)}")
+            raise ConfigError(f"grid: expected 3 positive ints giving at least 2 base crops, got {tuple(grid)}")
         if num_random < 1:
-            raise ValueError(f"num_random: expected >= 1, got {num_random}")
+            raise ConfigError(f"num_random: expected >= 1, got {num_random}")
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum: expected in [0, 1), got {momentum}")
+            raise ConfigError(f"momentum: expected in [0, 1), got {momentum}")
         self.grid = tuple(grid)
         self.num_random = num_random
         self.momentum = momentum

@@ -5,27 +5,29 @@ from pathlib import Path
 
 from openmind_tools.augment import AugmentSettings
 from openmind_tools.augment_preview import from_manifest, from_nifti, write_preview
+from openmind_tools.cli.common import existing_parent, positive_int, run_command
+from openmind_tools.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    return run_command("openmind-augment-preview", lambda: _parser().parse_args(argv), _preview)
+
+
+def _preview(args: argparse.Namespace) -> int:
     if (args.manifest is None) == (args.nifti is None):
-        raise SystemExit("openmind-augment-preview: give either a MANIFEST or --nifti FILE ...")
+        raise ConfigError("give either a MANIFEST or --nifti FILE ...")
     in_size = (args.in_size,) * 3
     if args.manifest is not None:
         volumes, masks = from_manifest(args.manifest, args.n, in_size)
     else:
-        try:
-            volumes, masks = from_nifti(args.nifti, args.mask, in_size)
-        except ValueError as e:
-            raise SystemExit(f"--mask: {e}") from None
+        volumes, masks = from_nifti(args.nifti, args.mask, in_size)
     settings = AugmentSettings(out_size=args.out_size, seed=args.seed)
     if args.all_ops:
         probabilities = {
             f: 1.0 for f in settings.to_dict() if f.startswith("p_") and f not in ("p_mirror", "p_elastic")
         }
         settings = AugmentSettings.from_dict({**settings.to_dict(), **probabilities})
-    write_preview(volumes, masks, settings, args.n, args.output)
+    write_preview(volumes, masks, settings, args.n, Path(args.output))
     print(f"wrote {args.output}: {args.n} samples from {len(volumes)} volume(s), crop {in_size} -> {settings.out_size}")
     return 0
 
@@ -58,17 +60,25 @@ def _parser() -> argparse.ArgumentParser:
         "alignment (default: voxels above the volume's mean)",
     )
     parser.add_argument(
-        "-o", "--output", type=Path, default=Path("augment_preview.png"), help="PNG to write (default: %(default)s)"
+        "-o",
+        "--output",
+        type=existing_parent,
+        default="augment_preview.png",
+        help="PNG to write (default: %(default)s)",
     )
-    parser.add_argument("--n", type=int, default=4, help="samples to draw; volumes repeat if fewer (default: 4)")
+    parser.add_argument(
+        "--n", type=positive_int, default=4, help="samples to draw; volumes repeat if fewer (default: 4)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="augmentation seed (default: 0)")
     parser.add_argument(
         "--in-size",
-        type=int,
+        type=positive_int,
         default=192,
         help="centre crop/pad of each volume before augmenting, voxels per axis (default: 192)",
     )
-    parser.add_argument("--out-size", type=int, default=160, help="augmented crop size per axis (default: 160)")
+    parser.add_argument(
+        "--out-size", type=positive_int, default=160, help="augmented crop size per axis (default: 160)"
+    )
     parser.add_argument(
         "--all-ops",
         action="store_true",

@@ -5,7 +5,8 @@
     openmind-convert demo-data DIR
 
 Exit status: 0 everything converted (or verified); 2 bad arguments or settings; 3 some inputs failed
-(listed with reasons in OUT/errors.parquet) or verify found problems.
+(listed with reasons in OUT/errors.parquet) or verify found problems; 4 the machine failed (disk full,
+I/O error, too many open files, a lost dask worker): nothing is blamed on an input, fix it and rerun.
 """
 
 from __future__ import annotations
@@ -16,22 +17,27 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from openmind_tools.errors import ConfigError
+from openmind_tools.cli.common import (
+    EXIT_DATA,
+    EXIT_OK,
+    byte_size,
+    existing_dir,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_command,
+)
 from openmind_tools.preprocess import PreprocessSettings
 
-EXIT_OK, EXIT_USAGE, EXIT_FAILURES = 0, 2, 3
+EXIT_FAILURES = EXIT_DATA
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"verify": (_verify_parser, _verify), "demo-data": (_demo_parser, _demo)}
     make_parser, run = commands.get(argv[0] if argv else "", (_convert_parser, _convert))
-    args = make_parser().parse_args(argv[1:] if make_parser is not _convert_parser else argv)
-    try:
-        return run(args)
-    except ConfigError as e:
-        print(f"openmind-convert: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    rest = argv[1:] if make_parser is not _convert_parser else argv
+    return run_command("openmind-convert", lambda: make_parser().parse_args(rest), run)
 
 
 def _convert_parser() -> argparse.ArgumentParser:
@@ -41,26 +47,33 @@ def _convert_parser() -> argparse.ArgumentParser:
         "BIDS-like tree into sharded stores plus OUT/manifest.parquet and OUT/errors.parquet. Rerun the same "
         "command after a crash to resume. Other commands: 'openmind-convert verify OUT', "
         "'openmind-convert demo-data DIR'.",
-        epilog="Exit status: 0 all converted, 2 bad arguments, 3 some inputs failed (see OUT/errors.parquet).",
+        epilog="Exit status: 0 all converted, 2 bad arguments, 3 some inputs failed (see OUT/errors.parquet), "
+        "4 the machine failed (disk full, I/O error): fix it and rerun the same command.",
     )
     p.add_argument("root", help="corpus root: the folder holding openneuro_metadata.csv and OpenMind/")
     p.add_argument("out", help="output folder (created); rerunning into it resumes")
     p.add_argument("--format", default="zarr,wds", help="comma-separated stores to write: zarr, wds (default both)")
-    p.add_argument("--workers", type=int, default=2, help="local dask worker processes (0 = run in this process)")
+    p.add_argument(
+        "--workers", type=non_negative_int, default=2, help="local dask worker processes (0 = run in this process)"
+    )
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:8786)")
-    p.add_argument("--memory-limit", default="auto", help="per local worker, e.g. 6GiB (a 512^3 volume needs ~3)")
+    p.add_argument(
+        "--memory-limit", type=byte_size, default="auto", help="per local worker, e.g. 6GiB (a 512^3 volume needs ~3)"
+    )
     p.add_argument("--modalities", help="comma-separated modalities to convert (CSV spelling; inplainT1 accepted)")
-    p.add_argument("--limit", type=int, help="convert only the first N images (sorted by id): a quick trial")
+    p.add_argument("--limit", type=positive_int, help="convert only the first N images (sorted by id): a quick trial")
     p.add_argument("--dry-run", action="store_true", help="list what would be converted, write nothing")
-    p.add_argument("--shard-size", type=float, default=1.0, help="WebDataset shard size in GB (default 1)")
+    p.add_argument("--shard-size", type=positive_float, default=1.0, help="WebDataset shard size in GB (default 1)")
     p.add_argument("--retry-errors", action="store_true", help="retry inputs that failed in an earlier run")
-    p.add_argument("--spacing", type=float, default=1.0, help="isotropic target spacing in mm (default 1)")
+    p.add_argument("--spacing", type=positive_float, default=1.0, help="isotropic target spacing in mm (default 1)")
     p.add_argument("--interpolation", choices=["linear", "bspline"], default="linear", help="image resampling")
     p.add_argument("--crop", choices=["anatomy", "nonzero", "none"], default="anatomy", help="crop box source")
     p.add_argument(
         "--clip-percentiles", type=_pair, default=(0.5, 99.5), help="intensity clip inside the mask: low,high"
     )
-    p.add_argument("--volume-index", type=int, help="volume to take from true 4D images (default: 4D is an error)")
+    p.add_argument(
+        "--volume-index", type=non_negative_int, help="volume to take from true 4D images (default: 4D is an error)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -132,20 +145,30 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
 def _verify_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="openmind-convert verify",
-        description="Re-read every stored sample and check it against the manifest checksum.",
+        description="Re-read every stored sample and check it against the manifest (shape, checksum). With "
+        "--repair, delete what is damaged or missing and reconvert it with the settings and inputs the "
+        "conversion recorded in OUT/.run.json.",
+        epilog="Exit status: 0 no problem (or all repaired), 2 bad arguments, 3 problems found (or left).",
     )
-    p.add_argument("out", help="a folder written by openmind-convert")
+    p.add_argument("out", type=existing_dir, help="a folder written by openmind-convert")
+    p.add_argument("--repair", action="store_true", help="reconvert the damaged or missing samples, then verify again")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from openmind_tools.verify import verify
+    from openmind_tools.verify import repair, verify
 
     problems = verify(args.out, progress=not args.quiet)
     for problem in problems:
         print(problem)
     print(f"{len(problems)} problem(s) found in {args.out}")
+    if problems and args.repair:
+        print(repair(args.out, problems, progress=not args.quiet))
+        problems = verify(args.out, progress=not args.quiet)
+        for problem in problems:
+            print(problem)
+        print(f"after repair: {len(problems)} problem(s) in {args.out}")
     return EXIT_FAILURES if problems else EXIT_OK
 
 

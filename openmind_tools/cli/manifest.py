@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from dataclasses import fields
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from openmind_tools.cli.common import EXIT_OK, existing_parent, non_negative_int, run_command
 from openmind_tools.errors import ConfigError
 from openmind_tools.manifest import (
     FORMATS,
@@ -39,24 +39,13 @@ from openmind_tools.manifest import (
     write_manifest,
 )
 
-EXIT_OK, EXIT_EMPTY, EXIT_USAGE = 0, 1, 2
+EXIT_EMPTY = 1
 _SHOWN_ROWS = 50  # rows printed to a terminal; -o or --format writes them all
 _SOURCE_HELP = 'manifest.parquet (path or s3:// URL) or a query such as "mae8 min_quality=3 of out/manifest.parquet"'
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error argparse has already reported (2)
-        return int(e.code or 0)
-    try:
-        return args.run(args)
-    except ConfigError as e:
-        print(f"openmind-manifest: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except BrokenPipeError:  # `... | head` closed stdout: stop quietly, as cat does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+    return run_command("openmind-manifest", lambda: _parser().parse_args(argv), lambda args: args.run(args))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,8 +83,15 @@ def _parser() -> argparse.ArgumentParser:
         help="keep only volumes with (or, with --no-has-anatomy-mask, without) an anatomy mask",
     )
     q.add_argument("--where", help="pandas expression over the manifest columns, e.g. \"age >= 18 and sex == 'F'\"")
-    q.add_argument("--limit", type=int, help="keep the first N matching volumes (by id): a quick trial subset")
-    q.add_argument("-o", "--output", help="write here; the format follows the suffix (.parquet, .csv, .jsonl)")
+    q.add_argument(
+        "--limit", type=non_negative_int, help="keep the first N matching volumes (by id): a quick trial subset"
+    )
+    q.add_argument(
+        "-o",
+        "--output",
+        type=existing_parent,
+        help="write here; the format follows the suffix (.parquet, .csv, .jsonl)",
+    )
     q.add_argument(
         "--format",
         choices=FORMATS,

@@ -1,0 +1,89 @@
+"""What every openmind-* command shares: one mapping from the project's errors to an exit status and one
+line on stderr (never a traceback), and argument types that name the argument and the reason.
+
+Exit status: 0 done, 2 bad arguments or settings (ConfigError), 3 bad data (StoreError, or inputs that
+failed), 4 the machine (MachineError: disk full, I/O error, too many open files): fix it and rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from openmind_tools.errors import ConfigError, MachineError, StoreError
+
+EXIT_OK, EXIT_USAGE, EXIT_DATA, EXIT_MACHINE = 0, 2, 3, 4
+
+
+def run_command(prog: str, parse: Callable[[], argparse.Namespace], body: Callable[[argparse.Namespace], int]) -> int:
+    """Parse, then run `body`; the project's errors become one line and their exit status."""
+    try:
+        args = parse()
+    except SystemExit as e:  # --help (0) or a usage error argparse has already reported (2)
+        return int(e.code or 0)
+    try:
+        return body(args)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except StoreError as e:
+        print(f"{prog}: store error: {e}", file=sys.stderr)
+        return EXIT_DATA
+    except MachineError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_MACHINE
+    except BrokenPipeError:  # `... | head` closed stdout: stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: v > 0 and v != float("inf"), "a positive number")
+
+
+def byte_size(text: str) -> str:
+    """A dask memory limit: "auto", a number of bytes, or a size such as 6GiB."""
+    from dask.utils import parse_bytes
+
+    if text == "auto":
+        return text
+    try:
+        if parse_bytes(text) > 0:
+            return text
+    except (ValueError, TypeError):
+        pass
+    raise argparse.ArgumentTypeError(f"expected auto or a size such as 6GiB, got {text!r}")
+
+
+def existing_parent(text: str) -> str:
+    """An output path whose folder exists (a typo must not silently create a tree elsewhere)."""
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"the folder {parent} does not exist")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is not a folder")
+    return text
+
+
+def _number(text: str, kind: type, ok: Callable, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value

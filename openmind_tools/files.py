@@ -1,0 +1,78 @@
+"""Files that another step or a resumed run reads back: written whole or not at all, read only if regular.
+
+`atomic_write` writes under a unique temporary name in the target folder, fsyncs, and renames over the
+target (`os.replace`), so a reader, or a run resumed after kill -9 or a full disk, sees the old file or
+the new one, never half; the temporary file is removed on any failure. `file_problem` names a FIFO,
+device or socket where a file should be: reading one would hang or never end.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from openmind_tools.errors import MachineError
+
+# errno -> what the user should do: failures of the machine, never of the input being converted
+_MACHINE = {
+    errno.ENOSPC: "the disk is full: free space",
+    errno.EDQUOT: "the disk quota is exceeded: free space or raise the quota",
+    errno.EIO: "an I/O error: check the disk",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n)",
+    errno.ENFILE: "the system ran out of file handles: close programs or raise fs.file-max",
+    errno.EROFS: "the file system is read-only: remount it or choose another output folder",
+}
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file that replaces `path` when the block ends without an error (and is removed if it fails).
+
+    Opened with plain `open`, so the result gets the usual umask permissions (mkstemp would give 0600).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_write(path) as f:
+        f.write(text.encode())
+
+
+def file_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read as a file ("file not found", "not a regular file ..."), or None if it can."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "file not found"
+    except OSError as e:
+        return f"cannot stat: {e.strerror}"
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        return f"not a regular file ({kind})"
+    return None
+
+
+def machine_error(error: BaseException, doing: str) -> MachineError | None:
+    """The MachineError an OSError stands for (disk full, I/O error, ...), or None if it is not the machine's."""
+    if isinstance(error, MachineError):
+        return error
+    if isinstance(error, OSError) and error.errno in _MACHINE:
+        where = f" ({error.filename})" if error.filename else ""
+        return MachineError(f"{doing}: {os.strerror(error.errno)}{where}; {_MACHINE[error.errno]} and rerun")
+    return None

@@ -1,0 +1,184 @@
+"""openmind-convert against the real corpus's corners, the disk and the user: long names, colliding keys,
+FIFOs, a full disk, damaged stores healed by `verify --repair`, bad arguments."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+
+from openmind_tools import zarr_store
+from openmind_tools.cli.common import EXIT_MACHINE, EXIT_USAGE
+from openmind_tools.cli.convert import EXIT_FAILURES, main
+from openmind_tools.convert import convert
+from openmind_tools.corpus import CSV_NAME
+from openmind_tools.errors import StoreError
+from openmind_tools.loader import PatchDataset
+from openmind_tools.verify import verify
+
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+LONG = "sub-01_ses-baseline_task-rest_acq-mprage" + "x" * 126 + "_rec-norm_run-01_echo-1_T1w"  # 200 bytes with .nii.gz
+
+
+def _corpus(root: Path, names: list[str]) -> Path:
+    """A CSV corpus of small real images (nibabel's 2 mm anatomical) under the given file names."""
+    anat = nib.load(NIBABEL_DATA / "anatomical.nii")
+    base = root / "OpenMind" / "ds000999" / "sub-01" / "anat"
+    base.mkdir(parents=True)
+    for name in names:
+        nib.save(anat, base / name)
+    with (root / CSV_NAME).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_path", "modality"])
+        writer.writeheader()
+        writer.writerows({"image_path": f"ds000999/sub-01/anat/{n}", "modality": "T1w"} for n in names)
+    return root
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # webdataset leaves its file open
+def test_long_names_and_ids_that_differ_by_a_dot_convert_into_unique_tar_keys(tmp_path: Path) -> None:
+    names = [f"{LONG}.nii.gz", "sub-05_acq-1.5mm_T1w.nii.gz", "sub-05_acq-1_5mm_T1w.nii.gz"]
+    assert len(names[0].encode()) == 200
+    root = _corpus(tmp_path / "corpus", names)
+    assert main([str(root), str(tmp_path / "out"), "--workers", "0", "--quiet"]) == 0
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert len(manifest) == 3 and manifest["wds_key"].is_unique
+    shard = tmp_path / "out" / manifest["wds_shard"].iloc[0]
+    samples = list(wds.WebDataset(str(shard), shardshuffle=False).decode())
+    assert sorted(s["json"]["id"] for s in samples) == sorted(manifest["id"])
+    listed = subprocess.run(["tar", "tf", str(shard)], capture_output=True, text=True, check=True).stdout.split()
+    assert len(listed) == 9 and any(LONG in name for name in listed)
+    assert verify(tmp_path / "out", progress=False) == []
+
+
+def test_a_fifo_where_a_file_should_be_is_refused_never_waited_on(tmp_path: Path) -> None:
+    root = _corpus(tmp_path / "corpus", ["sub-01_T1w.nii.gz", "sub-01_run-2_T1w.nii.gz"])
+    image = root / "OpenMind" / "ds000999" / "sub-01" / "anat" / "sub-01_run-2_T1w.nii.gz"
+    image.unlink()
+    os.mkfifo(image)
+    out = tmp_path / "out"
+    assert main([str(root), str(out), "--workers", "0", "--quiet"]) == EXIT_FAILURES
+    errors = pd.read_parquet(out / "errors.parquet")
+    assert list(errors["reason"].str.contains("not a regular file \\(a FIFO\\)")) == [True]
+
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    chunk = out / "store.zarr" / manifest["zarr_array"].iloc[0] / zarr_store.CHUNK_KEY
+    chunk.unlink()
+    os.mkfifo(chunk)
+    with pytest.raises(StoreError, match="not a regular file"):
+        next(iter(PatchDataset(out / "manifest.parquet", 32)))
+    shard = out / manifest["wds_shard"].iloc[0]
+    shard.unlink()
+    os.mkfifo(shard)
+    done = subprocess.run([sys.executable, "-m", "openmind_tools.cli.convert", "verify", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == EXIT_FAILURES
+    assert done.stdout.count("not a regular file (a FIFO)") == 2 and "Traceback" not in done.stderr
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+
+
+def test_a_full_disk_stops_the_run_blames_no_input_and_the_rerun_finishes(
+    demo_corpus: Path, demo_out: Path, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "24m")
+    try:
+        command = [sys.executable, "-m", "openmind_tools.cli.convert", str(demo_corpus), str(disk / "out"),
+                   "--format", "zarr", "--workers", "0", "--quiet"]  # fmt: skip
+        full = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert full.returncode == EXIT_MACHINE, full.stderr[-2000:]
+        assert "No space left on device" in full.stderr and "free space" in full.stderr
+        assert "Traceback" not in full.stderr and len(full.stderr.strip().splitlines()) == 1
+        journal = (disk / "out" / ".journal.jsonl").read_text()
+        assert '"status": "error"' not in journal  # nothing blamed on an input
+        subprocess.run(["mount", "-o", "remount,size=400m", str(disk)], check=True)
+        rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        got = pd.read_parquet(disk / "out" / "manifest.parquet")
+        want = pd.read_parquet(demo_out / "manifest.parquet")
+        assert list(got["id"]) == list(want["id"]) and list(got["checksum"]) == list(want["checksum"])
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_rerun_reconverts_deleted_samples_and_verify_repair_heals_damage(demo_corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(demo_corpus, out, formats=("zarr", "wds"), limit=4, shard_bytes=30 * 2**20, progress=False)
+    before = pd.read_parquet(out / "manifest.parquet")
+    assert before["wds_shard"].nunique() > 1
+    first, second = before.iloc[0], before.iloc[3]
+    shutil.rmtree(out / "store.zarr" / first["zarr_array"])
+    summary = convert(demo_corpus, out, formats=("zarr", "wds"), limit=4, shard_bytes=30 * 2**20, progress=False)
+    assert summary.skipped == 3 and verify(out, progress=False) == []  # the journal no longer trusted alone
+
+    chunk = out / "store.zarr" / second["zarr_array"] / zarr_store.CHUNK_KEY
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    shard = out / first["wds_shard"]
+    shard.write_bytes(shard.read_bytes()[:5000])  # cut short
+    damaged = verify(out, progress=False)
+    assert {p.volume_id for p in damaged if p.store == "zarr"} == {second["id"]}
+    assert any(p.store == "wds" and p.path == shard for p in damaged)
+    assert main(["verify", str(out), "--repair", "--quiet"]) == 0
+    assert verify(out, progress=False) == []
+    after = pd.read_parquet(out / "manifest.parquet")
+    pd.testing.assert_frame_equal(after, before)
+    with tarfile.open(shard) as tar:
+        assert len(tar.getnames()) == 3 * (before["wds_shard"] == first["wds_shard"]).sum()
+
+
+def test_bad_arguments_exit_2_naming_the_argument(demo_corpus: Path, tmp_path: Path, capsys) -> None:
+    from openmind_tools.cli.manifest import main as manifest_main
+    from training.cli import main as train_main
+
+    out = str(tmp_path / "out")
+    cases = [
+        (main, [str(demo_corpus), out, "--workers", "-1"], "--workers"),
+        (main, [str(demo_corpus), out, "--limit", "-1"], "--limit"),
+        (main, [str(demo_corpus), out, "--limit", "0"], "--limit"),
+        (main, [str(demo_corpus), out, "--memory-limit", "banana"], "--memory-limit"),
+        (main, [str(demo_corpus), out, "--shard-size", "0"], "--shard-size"),
+        (main, [str(demo_corpus), out, "--spacing", "nan"], "--spacing"),
+        (main, ["verify", str(tmp_path / "missing")], "is not a folder"),
+        (manifest_main, ["query", str(tmp_path / "m.parquet"), "-o", str(tmp_path / "no" / "q.parquet")],
+         "does not exist"),
+        (train_main, ["export", str(tmp_path / "missing"), "-o", str(tmp_path / "e.pt")], "is not a folder"),
+        (train_main, ["export", str(tmp_path), "-o", str(tmp_path / "no" / "e.pt")], "does not exist"),
+        (train_main, ["export", str(tmp_path), "-o", str(tmp_path / "e.pt")], "not a run folder"),
+    ]  # fmt: skip
+    for command, argv, named in cases:
+        assert command(argv) == EXIT_USAGE, argv
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err, (argv, err)
+        assert len([line for line in err.splitlines() if ": error:" in line]) == 1, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "no").exists()
+
+
+def test_a_stored_sample_that_is_a_folder_is_a_store_error(tmp_path: Path) -> None:
+    root = _corpus(tmp_path / "corpus", ["sub-01_T1w.nii.gz"])
+    convert(root, tmp_path / "out", formats=("zarr",), progress=False)
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    chunk = tmp_path / "out" / "store.zarr" / manifest["zarr_array"].iloc[0] / zarr_store.CHUNK_KEY
+    chunk.unlink()
+    chunk.mkdir()
+    with pytest.raises(StoreError, match="not a regular file \\(a folder\\)"):
+        zarr_store.read_volume(
+            str(tmp_path / "out" / "store.zarr"), manifest["id"].iloc[0], tuple(manifest["shape"].iloc[0])
+        )
+    assert np.all([p.volume_id == manifest["id"].iloc[0] for p in verify(tmp_path / "out", progress=False)])
