@@ -14,8 +14,14 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   spec=${TORCH_SPEC:-torch==2.13.0+cpu}
   pip install "$spec" || pip install --index-url https://download.pytorch.org/whl/cpu "$spec"
 fi
+pip install -e ".[test,bench]" einops
+# dynamic-network-architectures after the project and without its dependencies: its timm requirement (only its
+# Primus/DINOv2 modules import timm; ResEnc never does) pulls torchvision and with it a multi-GB CUDA torch.
 pip install --no-deps "dynamic-network-architectures>=0.4"
-pip install -e ".[test,bench]"
+# pip check must pass but for that one known, unused requirement
+broken=$(.venv/bin/python -m pip check 2>&1 | grep -v -e "^dynamic-network-architectures .* requires timm" \
+  -e "^No broken requirements found" || true)
+if [ -n "$broken" ]; then echo "setup.sh: pip check failed:"; echo "$broken"; exit 1; fi
 [ "${1:-}" = "--no-demo" ] && exit 0
 
 demo=${DEMO_DIR:-demo}
@@ -24,7 +30,7 @@ demo=${DEMO_DIR:-demo}
 .venv/bin/openmind-manifest stats "$demo/store/manifest.parquet"
 .venv/bin/openmind-manifest query "$demo/store/manifest.parquet" --preset mae8 -o "$demo/mae8.parquet"
 m="$demo/store/manifest.parquet"
-.venv/bin/openmind-train training/configs/demo.toml --run.out="\"$demo/run\"" \
+.venv/bin/openmind-train training/configs/demo.toml --overwrite --run.out="\"$demo/run\"" \
   --stages.voco.manifest="\"$m\"" --stages.mae.manifest="\"$m\""
 for stage in voco mae; do  # did it learn anything? linear probes vs a random-init encoder and a trivial baseline
   .venv/bin/openmind-eval probe "$demo/run/${stage}_encoder.pt" --manifest "$m" --target modality,sex,age --no-progress

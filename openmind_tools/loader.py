@@ -184,10 +184,15 @@ class PatchDataset(IterableDataset):
         skip = len(range(worker, consumed, num_workers)) * batch_size
         volumes = shuffled(self.volumes, seed=self.seed, epoch=epoch, by_shard=self.store == "wds")
         volumes = wrap_to_multiple(volumes, multiple=self.world_size * num_workers)
-        volumes = split_by_rank(volumes, rank=self.rank, world_size=self.world_size)
-        volumes = list(split_by_worker(volumes, worker=worker, num_workers=num_workers))
+        rank_volumes = list(split_by_rank(volumes, rank=self.rank, world_size=self.world_size))
+        volumes = list(split_by_worker(rank_volumes, worker=worker, num_workers=num_workers))
         fs = fsspec.filesystem(self.protocol, **self.storage_options)  # opened here, in the worker
         reads, partial = divmod(skip, self.crops_per_volume)
+
+        def spares() -> Iterator[tuple[VolumeRef, Volume | StoreError]]:  # read only if all of `volumes` fail
+            mine = {v.id for v in volumes}
+            return self._read_in_order([v for v in rank_volumes if v.id not in mine], fs)
+
         if self.store == "zarr":
             slots = itertools.islice(enumerate(volumes), reads, None)
             loaded = read_volumes(
@@ -200,7 +205,7 @@ class PatchDataset(IterableDataset):
             raw = shuffle_by_bytes(raw, max_bytes=self.shuffle_bytes, nbytes=raw_nbytes, rng=rng)
             loaded = decode_samples(itertools.islice(enumerate(raw), reads, None), settings_hash=self.settings_hash)
         crops = crop_volumes(
-            replace_failures(loaded, on_error=self.on_error),
+            replace_failures(loaded, on_error=self.on_error, spares=spares),
             patch_size=self.patch_size,
             crops_per_volume=self.crops_per_volume,
             foreground_bias=self.foreground_bias,
@@ -217,13 +222,17 @@ class PatchDataset(IterableDataset):
         The same stores, reads and checks as an epoch, without its shuffle, padding or split by rank and
         worker. A volume that cannot be read comes out as its StoreError, for the caller to count.
         """
-        fs = fsspec.filesystem(self.protocol, **self.storage_options)
+        return self._read_in_order(self.volumes, fsspec.filesystem(self.protocol, **self.storage_options))
+
+    def _read_in_order(
+        self, volumes: list[VolumeRef], fs: fsspec.AbstractFileSystem
+    ) -> Iterator[tuple[VolumeRef, Volume | StoreError]]:
         if self.store == "zarr":
             loaded = read_volumes(
-                enumerate(self.volumes), fs=fs, prefetch=self.prefetch, attempts=self.attempts, backoff_s=self.backoff_s
+                enumerate(volumes), fs=fs, prefetch=self.prefetch, attempts=self.attempts, backoff_s=self.backoff_s
             )
         else:
-            in_shard_order = sorted(self.volumes, key=lambda v: v.shard)  # one pass per shard
+            in_shard_order = sorted(volumes, key=lambda v: v.shard)  # one pass per shard
             raw = shard_samples(in_shard_order, fs=fs, attempts=self.attempts, backoff_s=self.backoff_s)
             loaded = decode_samples(enumerate(raw), settings_hash=self.settings_hash)
         for _, ref, volume in loaded:

@@ -280,12 +280,17 @@ def decode_samples(
 
 
 def replace_failures(
-    loaded: Iterable[tuple[int, VolumeRef, Volume | StoreError]], *, on_error: str
-) -> Iterator[tuple[int, VolumeRef, Volume]]:
+    loaded: Iterable[tuple[int, VolumeRef, Volume | StoreError]],
+    *,
+    on_error: str,
+    spares: Callable[[], Iterable[tuple[VolumeRef, Volume | StoreError]]] | None = None,
+) -> Iterator[tuple[int, VolumeRef, Volume, bool]]:
     """Apply the read-error policy: "raise" stops with the error; "skip" logs it and fills the slot.
 
-    A skipped slot is filled with the worker's previous good volume (or, before any, the next one), so
-    every worker still yields the same number of crops and every rank takes the same number of steps.
+    Yields (position, ref, volume, replaced). A skipped slot is filled with the worker's previous good
+    volume (or, before any, the next one), so every worker still yields the same number of crops and every
+    rank takes the same number of steps. A worker none of whose volumes can be read fills its slots from
+    `spares` (the rank's other volumes, read only then), and raises only if none of those can be read either.
     """
     last: tuple[VolumeRef, Volume] | None = None
     owed: list[int] = []  # positions that failed before any volume of this worker was read
@@ -297,20 +302,25 @@ def replace_failures(
             if last is None:
                 owed.append(position)
             else:
-                yield position, *last
+                yield position, *last, True
             continue
         last = (ref, volume)
         for earlier in owed:
-            yield earlier, ref, volume
+            yield earlier, ref, volume, True
         owed.clear()
-        yield position, ref, volume
+        yield position, ref, volume, False
     if owed:
-        raise StoreError(f"none of the {len(owed)} volumes this worker was given could be read (see the log)")
+        spare = next(((r, v) for r, v in (spares() if spares else ()) if not isinstance(v, StoreError)), None)
+        if spare is None:
+            raise StoreError(f"none of the {len(owed)} volumes this worker was given, nor any other volume of its "
+                             "rank, could be read (see the log)")  # fmt: skip
+        for earlier in owed:
+            yield earlier, *spare, True
 
 
 # ---------------------------------------------------------------------------------------------- cropping
 def crop_volumes(
-    loaded: Iterable[tuple[int, VolumeRef, Volume]],
+    loaded: Iterable[tuple[int, VolumeRef, Volume, bool]],
     *,
     patch_size: tuple[int, int, int],
     crops_per_volume: int,
@@ -322,15 +332,16 @@ def crop_volumes(
 ) -> Iterator[tuple[str, Volume, np.ndarray]]:
     """Place `crops_per_volume` patches in each volume read (a read costs ~all of a 160^3 patch's time).
 
-    Yields (volume id, volume, origin); the voxels are copied once, by `batches`. Each crop is uniform
+    Yields (volume id, volume, origin, replaced); the voxels are copied once, by `batches`; `replaced` marks
+    the first crop of a slot whose own volume could not be read (it counts the skip once). Each crop is uniform
     over all positions, or, with probability `foreground_bias`, centred on a uniformly drawn anatomy
     voxel. The generator for a volume is seeded by its slot, so a resumed run that skips slots without
     reading them still draws the same crops for the rest.
     """
-    for position, ref, volume in loaded:
+    for position, ref, volume, replaced in loaded:
         rng = np.random.default_rng([seed, epoch, rank, worker, position, CROP_STREAM])
-        for _ in range(crops_per_volume):
-            yield ref.id, volume, crop_origin(volume.code, patch_size, foreground_bias, rng)
+        for crop in range(crops_per_volume):
+            yield ref.id, volume, crop_origin(volume.code, patch_size, foreground_bias, rng), replaced and crop == 0
 
 
 def fixed_crops(
@@ -342,13 +353,13 @@ def fixed_crops(
     """The same crops of every volume, for evaluation: one per fraction of the free range along each axis.
 
     (0.5, 0.5, 0.5) is the centre crop; a volume smaller than the patch gets it centred and padded.
-    Yields (volume id, volume, origin) as `crop_volumes` does, so `batches` copies the voxels.
+    Yields (volume id, volume, origin, False) as `crop_volumes` does, so `batches` copies the voxels.
     """
     size = np.array(patch_size)
     for ref, volume in loaded:
         free = np.array(volume.image.shape) - size
         for fraction in fractions:
-            yield ref.id, volume, np.rint(np.asarray(fraction) * free).astype(np.int64)
+            yield ref.id, volume, np.rint(np.asarray(fraction) * free).astype(np.int64), False
 
 
 def crop_origin(
@@ -382,11 +393,12 @@ def _anatomy_voxel(code: np.ndarray, rng: np.random.Generator) -> np.ndarray | N
 
 
 def batches(
-    crops: Iterable[tuple[str, Volume, np.ndarray]], *, batch_size: int, patch_size: tuple[int, int, int]
+    crops: Iterable[tuple[str, Volume, np.ndarray, bool]], *, batch_size: int, patch_size: tuple[int, int, int]
 ) -> Iterator[dict[str, Any]]:
     """Copy each group of `batch_size` crops straight into batch tensors (the last group may be smaller).
 
-    A batch is {"image", "masks", "origin", "id"}: the three masks travel as one uint8 code (bit 0
+    A batch is {"image", "masks", "origin", "id", "skipped"}: "skipped" counts the volumes whose read failed
+    and whose slots hold another volume's crops (on_error="skip"); the three masks travel as one uint8 code (bit 0
     anatomy, bit 1 deface, bit 2 valid; `unpack_masks` splits it, on the device), 12 instead of 20 MB per
     160^3 patch. In a DataLoader worker the tensors live in shared memory from the start, as torch's
     default_collate does, so every voxel is written once on its way to the main process; fresh shared
@@ -396,7 +408,7 @@ def batches(
     while group := list(itertools.islice(crops, batch_size)):
         shape = (len(group), 1, *patch_size)
         image, masks = _batch_tensor(shape, torch.float16), _batch_tensor(shape, torch.uint8)
-        for i, (_, volume, origin) in enumerate(group):
+        for i, (_, volume, origin, _) in enumerate(group):
             src, dst = _overlap(origin, patch_size, volume.image.shape)
             image_out, masks_out = image[i, 0].numpy(), masks[i, 0].numpy()
             image_out[dst] = volume.image[src]
@@ -408,8 +420,9 @@ def batches(
         yield {
             "image": image,
             "masks": masks,
-            "origin": torch.from_numpy(np.stack([origin for _, _, origin in group]).astype(np.int64)),
-            "id": [volume_id for volume_id, _, _ in group],
+            "origin": torch.from_numpy(np.stack([origin for _, _, origin, _ in group]).astype(np.int64)),
+            "id": [volume_id for volume_id, _, _, _ in group],
+            "skipped": sum(replaced for *_, replaced in group),
         }
 
 

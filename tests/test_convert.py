@@ -297,19 +297,28 @@ def test_gzip_check_covers_the_whole_stream(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_512_cubed_float_volume_converts_in_bounded_memory(tmp_path: Path) -> None:
-    """Peak RSS of one conversion stays a small multiple of the float32 volume (a dask worker's budget)."""
+    """Peak memory of one conversion beyond its imports stays under 3x the float32 volume (measured: 2.26x).
+
+    Measured as the child's own VmHWM: ru_maxrss keeps the high-water mark across fork + exec, so it counted
+    the pytest parent's memory at fork time, which made an earlier bound on it flaky.
+    """
     data = np.random.default_rng(0).normal(100, 20, (512, 512, 512)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.5, 0.5, 1.0])), tmp_path / "big.nii")
     del data
     code = (
-        "import resource, sys; from openmind_tools.preprocess import preprocess; "
-        f"r = preprocess({str(tmp_path / 'big.nii')!r}); "
-        "print(r.meta['shape'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "from openmind_tools.preprocess import preprocess\n"
+        "def hwm():\n"
+        "    status = open('/proc/self/status').read()\n"
+        "    return int(status.split('VmHWM:')[1].split()[0]) * 1024\n"
+        "base = hwm()\n"
+        f"r = preprocess({str(tmp_path / 'big.nii')!r})\n"
+        "print(r.meta['shape'], base, hwm())\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    shape, peak = done.stdout.rsplit(" ", 1)
+    shape, base, peak = done.stdout.rsplit(" ", 2)
     assert shape == "[256, 256, 256]"
-    assert int(peak) < 5 * 512**3 * 4, f"peak RSS {int(peak) / 2**30:.2f} GiB for a 0.5 GiB volume"
+    grown = int(peak) - int(base)
+    assert grown < 3 * 512**3 * 4, f"peak {grown / 2**30:.2f} GiB beyond the imports for a 0.5 GiB volume"
 
 
 def test_tar_only_output_grows_with_a_larger_limit(demo_corpus: Path, tmp_path: Path) -> None:

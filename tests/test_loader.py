@@ -23,6 +23,7 @@ import torch
 from loader_helpers import PATCH, SETTINGS_HASH, mni_volumes, rewrite_manifest, write_store
 from nibabel.testing import data_path
 
+from openmind_tools import loader_stages, wds_store
 from openmind_tools.errors import ConfigError, StoreError
 from openmind_tools.loader import PatchDataset, make_loader
 from openmind_tools.loader_stages import (
@@ -197,9 +198,9 @@ def test_foreground_bias_centres_crops_in_the_anatomy() -> None:
     ref = VolumeRef("v", volume.image.shape, None, None, None)
 
     def inside_rate(bias: float) -> float:
-        crops = crop_volumes([(0, ref, volume)], patch_size=(PATCH,) * 3, crops_per_volume=2000,
+        crops = crop_volumes([(0, ref, volume, False)], patch_size=(PATCH,) * 3, crops_per_volume=2000,
                              foreground_bias=bias, seed=0, epoch=0, rank=0, worker=0)  # fmt: skip
-        centres = np.array([origin + PATCH // 2 for _, _, origin in crops])
+        centres = np.array([origin + PATCH // 2 for _, _, origin, _ in crops])
         return float(anatomy[tuple(centres.T)].mean())
 
     uniform = inside_rate(0.0)
@@ -243,9 +244,40 @@ def test_skip_policy_fills_the_slot_and_keeps_the_step_count(
     shutil.rmtree(store / "store.zarr" / "volumes" / lost)
     loader = make_loader(PatchDataset(store / "manifest.parquet", PATCH, on_error="skip"), batch_size=4)
     with caplog.at_level(logging.ERROR):
-        ids = ids_of(run_epoch(loader))
+        batches = run_epoch(loader)
+    ids = ids_of(batches)
     assert len(ids) == 16 and lost not in ids
+    assert sum(batch["skipped"] for batch in batches) == 1
     assert lost in caplog.text
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_a_worker_whose_whole_share_is_unreadable_still_yields_its_steps(store16: Path, tmp_path: Path,
+                                                                         store: str) -> None:  # fmt: skip
+    copy = tmp_path / "store"
+    shutil.copytree(store16, copy)
+    dataset = PatchDataset(copy / "manifest.parquet", PATCH, store=store, on_error="skip", seed=4)
+    order = list(loader_stages.shuffled(dataset.volumes, seed=4, epoch=0, by_shard=store == "wds"))
+    share = list(loader_stages.split_by_worker(order, worker=1, num_workers=2))  # worker 1's 8 volumes
+    for volume in share:  # damage every one of them, in the store being read
+        if store == "zarr":
+            shutil.rmtree(copy / "store.zarr" / "volumes" / volume.id)
+    if store == "wds":  # drop worker 1's samples from their shards by cutting the shards it reads
+        rows = pd.read_parquet(copy / "manifest.parquet").set_index("id")
+        for shard in {rows.loc[v.id, "wds_shard"] for v in share}:
+            keep = [r for r in wds_store.iter_shard(copy / shard) if r[0] not in {v.id for v in share}]
+            wds_store.write_shard(copy / shard, keep)
+    loader = make_loader(dataset, batch_size=4, num_workers=2)
+    batches = run_epoch(loader)
+    assert len(batches) == len(loader) == 4
+    assert sum(batch["skipped"] for batch in batches) == 8
+    assert not set(ids_of(batches)) & {v.id for v in share}
+    dead = PatchDataset(copy / "manifest.parquet", PATCH, store=store, on_error="skip", seed=4)
+    if store == "zarr":
+        for volume in order:
+            shutil.rmtree(copy / "store.zarr" / "volumes" / volume.id, ignore_errors=True)
+        with pytest.raises(StoreError, match="nor any other volume of its rank"):
+            run_epoch(make_loader(dead, batch_size=4))
 
 
 @pytest.mark.parametrize("store", STORES)

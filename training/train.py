@@ -13,6 +13,7 @@ import contextlib
 import csv
 import fcntl
 import json
+import math
 import os
 import shutil
 import time
@@ -29,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from openmind_tools.augment import AugmentSettings, GPUAugment
-from openmind_tools.errors import ConfigError
+from openmind_tools.errors import ConfigError, StoreError
 from openmind_tools.files import atomic_write, atomic_write_text
 from openmind_tools.loader import PatchDataset, make_loader
 from openmind_tools.manifest import EmptyResultWarning, resolve_manifest, write_manifest
@@ -97,12 +98,16 @@ def _train_locked(cfg, resume, overwrite, ddp, device, rank, world, master, out)
 
 @contextlib.contextmanager
 def _exclusive(out: Path):
-    """One training per run folder (two would race on the checkpoint): an flock held for the whole run."""
+    """One training per run folder (two would race on the checkpoint): a lock held for the whole run.
+
+    A POSIX record lock (lockf), not flock: forked DataLoader workers do not inherit it, so a killed
+    trainer's orphaned workers cannot keep the folder locked.
+    """
     out.mkdir(parents=True, exist_ok=True)
     with (out / ".lock").open("a") as lock:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # EACCES or EAGAIN: held by another process
             raise ConfigError(f"{out}: another openmind-train is running in this folder") from None
         yield
 
@@ -154,6 +159,7 @@ def _run_stage(
         crops_per_volume=stage.crops_per_volume,
         foreground_bias=stage.foreground_bias,
         seed=cfg.seed + index,
+        on_error=stage.on_error,
     )
     loader = make_loader(dataset, stage.batch_size, num_workers=stage.num_workers, device=device)
     schedule_steps = stage.epochs * len(loader)  # max_steps stops early without changing the schedule
@@ -182,9 +188,16 @@ def _run_stage(
     log = _Log(out / f"{stage.name}_log.csv", stage.name, step if state is not None else None) if master else None
     bar = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not master, unit="step")
     wait, steps, since, loss_sum = 0.0, 0, time.perf_counter(), torch.zeros((), device=device)
+    skipped, per_rank = 0, math.ceil(len(dataset.volumes) / world)  # volumes replaced in this interval
     while step < total_steps:
+        skipped_in_epoch = 0
         for batch in loader:
             wait += loader.wait_s
+            skipped, skipped_in_epoch = skipped + batch["skipped"], skipped_in_epoch + batch["skipped"]
+            if skipped_in_epoch > stage.max_skipped * per_rank:
+                raise StoreError(f"stages.{stage.name}: {skipped_in_epoch} of the {per_rank} volumes rank {rank} "
+                                 f"reads per epoch could not be read, more than max_skipped={stage.max_skipped} "
+                                 "(the log names them)")  # fmt: skip
             loss, logs = train_step(t, augment, batch, generator, autocast, stage.grad_clip)
             step, steps, loss_sum = step + 1, steps + 1, loss_sum + loss.detach()
             if step % cfg.log_every == 0 or step == total_steps:
@@ -194,8 +207,9 @@ def _run_stage(
                 if master:
                     bar.set_postfix(loss=f"{value:.4f}", stall=f"{stall:.1%}", patches_s=f"{patches_s:.1f}")
                     log.write(step, value, t.scheduler.get_last_lr()[0], 1e3 * elapsed / steps, stall, patches_s,
-                              {k: float(v) for k, v in logs.items()})  # fmt: skip
+                              {"skipped_volumes": skipped, **{k: float(v) for k, v in logs.items()}})  # fmt: skip
                 wait, steps, since, loss_sum = 0.0, 0, time.perf_counter(), torch.zeros((), device=device)
+                skipped = 0
             bar.update()
             if step % cfg.checkpoint_every == 0 or step == total_steps:
                 _checkpoint(cfg, out, index, step, t, augment, loader, generator, master)

@@ -1,0 +1,116 @@
+"""Recipes checked whole before any work, and one training per run folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from training.cli import main
+from training.config import load_config
+
+RECIPE = Path(__file__).parents[2] / "training" / "configs" / "demo.toml"
+
+
+def _args(demo_out: Path, run: Path, *extra: str) -> list[str]:
+    m = json.dumps(str(demo_out / "manifest.parquet"))
+    return [str(RECIPE), f"--run.out={json.dumps(str(run))}", f"--stages.voco.manifest={m}",
+            f"--stages.mae.manifest={m}", *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--stages.voco.epochs=-1", "stages.voco.epochs: expected a value in [1, inf)"),
+        ("--run.checkpoint_every=0", "run.checkpoint_every: expected a value in [1, inf)"),
+        ("--run.log_every=0", "run.log_every"),
+        ("--stages.voco.batch_size=0", "stages.voco.batch_size"),
+        ("--stages.voco.num_workers=-1", "stages.voco.num_workers"),
+        ("--stages.voco.patch_size=0", "stages.voco.patch_size"),
+        ("--stages.voco.lr=0", "stages.voco.lr: expected a value in (0, inf)"),
+        ("--stages.voco.foreground_bias=1.5", "stages.voco.foreground_bias"),
+        ("--stages.mae.mask_ratio=1.0", "stages.mae.mask_ratio"),
+        ('--run.model="resenc_xl"', "run.model: expected one of ['resenc_l', 'resenc_tiny']"),
+        ('--stages.mae.store="s3"', "stages.mae.store: expected one of ('zarr', 'wds')"),
+        ('--stages.mae.on_error="ignore"', "stages.mae.on_error"),
+        ("--stages.mae.crops_per_volume=0", "stages.mae.crops_per_volume"),
+        ("--stages.mae.augment={p_rotaton=0.5}", "unknown augmentation setting(s): p_rotaton"),
+        ("--stages.mae.augment={p_noise=2.0}", "p_noise: expected a probability in [0, 1]"),
+    ],
+)
+def test_a_bad_value_in_any_stage_exits_2_before_any_work(demo_out: Path, tmp_path: Path, capsys, override: str,
+                                                          message: str) -> None:  # fmt: skip
+    run = tmp_path / "run"
+    assert main(_args(demo_out, run, override)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not run.exists()  # the MAE stage's mistake is found before the VoCo stage trains
+
+
+def test_toml_lists_reach_the_augmentation_settings(demo_out: Path) -> None:
+    cfg = load_config(RECIPE, ["--stages.mae.augment={scale=[0.9, 1.1], p_scale=0.5}"])
+    assert cfg.stages[1].augment == {"scale": [0.9, 1.1], "p_scale": 0.5}
+
+
+def _snapshot(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.rglob("*"))
+            if p.is_file()}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_one_training_per_run_folder(demo_out: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    short = ["--stages.voco.max_steps=2", "--stages.mae.max_steps=2", "--stages.voco.num_workers=0",
+             "--stages.mae.num_workers=0"]  # fmt: skip
+    long = [sys.executable, "-m", "training", *_args(demo_out, run, "--stages.voco.max_steps=400",
+                                                     "--stages.mae.max_steps=0", "--run.log_every=1")]  # fmt: skip
+    with subprocess.Popen(long, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as first:
+        deadline = time.monotonic() + 300
+        while not (run / "voco_log.csv").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before a second could try"
+        assert main(_args(demo_out, run, *short, "--overwrite")) == 2
+        assert "another openmind-train is running in this folder" in capsys.readouterr().err
+        first.kill()
+    assert main(_args(demo_out, run, *short)) == 2  # a folder that holds a run
+    err = capsys.readouterr().err
+    assert "holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert main(_args(demo_out, run, *short, "--overwrite")) == 0
+    capsys.readouterr()
+    assert list(pd.read_csv(run / "voco_log.csv")["step"]) == [2]  # no row of the killed run survives
+    before = _snapshot(run)
+    assert main([*_args(demo_out, run, *short, "--stages.voco.lr=0.5"), "--resume", str(run)]) == 2
+    assert "these differ" in capsys.readouterr().err
+    assert _snapshot(run) == before  # a refused resume changes no file
+    assert main([*_args(demo_out, tmp_path / "nothing", *short), "--resume", str(tmp_path / "nothing")]) == 2
+    assert not (tmp_path / "nothing").exists()
+
+
+def test_a_stage_skips_unreadable_volumes_counts_them_and_stops_past_max_skipped(demo_out: Path, tmp_path: Path,
+                                                                                capsys) -> None:  # fmt: skip
+    store = tmp_path / "store"
+    store.mkdir()
+    shutil.copytree(demo_out / "store.zarr", store / "store.zarr")
+    shutil.copy(demo_out / "manifest.parquet", store / "manifest.parquet")
+    rows = pd.read_parquet(store / "manifest.parquet")
+    lost = rows["id"].iloc[3]
+    shutil.rmtree(store / "store.zarr" / "volumes" / lost)
+    m = json.dumps(str(store / "manifest.parquet"))
+    steps = ["--stages.voco.max_steps=5", "--stages.mae.max_steps=0", "--stages.voco.num_workers=0",
+             f"--stages.voco.manifest={m}", f"--stages.mae.manifest={m}", "--run.log_every=5"]  # fmt: skip
+    assert main(_args(demo_out, tmp_path / "raise", *steps)) == 3  # on_error="raise": a StoreError, exit 3
+    assert lost in capsys.readouterr().err
+    assert main(_args(demo_out, tmp_path / "skip", *steps, '--stages.voco.on_error="skip"',
+                      "--stages.voco.max_skipped=0.1")) == 0  # fmt: skip
+    assert pd.read_csv(tmp_path / "skip" / "voco_log.csv")["skipped_volumes"].sum() == 1
+    capsys.readouterr()
+    assert main(_args(demo_out, tmp_path / "strict", *steps, '--stages.voco.on_error="skip"',
+                      "--stages.voco.max_skipped=0")) == 3  # fmt: skip
+    assert "more than max_skipped=0.0" in capsys.readouterr().err
