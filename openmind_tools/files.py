@@ -8,6 +8,7 @@ device or socket where a file should be: reading one would hang or never end.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -45,7 +46,8 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. a read-only file system, where the file was never made
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -256,7 +256,10 @@ class PatchDataset(IterableDataset):
                 raise StoreError(
                     f"volume {volume.id}: no array metadata at {url} (is {root} the right store?)"
                 ) from None
-            found = json.loads(raw).get("attributes", {}).get("settings_hash")
+            try:
+                found = json.loads(raw).get("attributes", {}).get("settings_hash")
+            except (ValueError, AttributeError):
+                raise StoreError(f"volume {volume.id}: {url} is not zarr array metadata (damaged?)") from None
             if self.settings_hash is not None and found != self.settings_hash:
                 raise StoreError(
                     f"store {root} was written with settings_hash {found} (array of {volume.id}), but the "

@@ -61,20 +61,20 @@ class Encoder:
     net: ResidualEncoderUNet
     plan: dict[str, Any]  # the nnssl adaptation plan
     source: str  # the export file, or "random init (seed N)"
-    checksum: str
-
-    @property
-    def pretrain_patch_size(self) -> int:
-        """The edge of the patches it was trained on (the export's pretrain plan), the default probe crop."""
-        configurations = self.plan["pretrain_plan"]["configurations"]
-        return int(next(iter(configurations.values()))["patch_size"][0])
+    checksum: str  # of the architecture and the encoder weights
+    pretrain_patch_size: int  # the edge of the patches it was trained on: the default probe crop
+    stride: int  # total downsampling: a crop edge must be a multiple of it
 
     def random_init(self, seed: int) -> Encoder:
         """The same architecture, freshly initialised from `seed`: the baseline a pretrained encoder must beat."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = network_from_plan(self.plan)
-        return Encoder(net, self.plan, f"random init (seed {seed})", _weights_checksum(net))
+        return _encoder(net, self.plan, f"random init (seed {seed})")
+
+    def check_patch_size(self, size: int) -> None:
+        if size % self.stride:
+            raise ConfigError(f"--patch-size {size}: this encoder needs a multiple of its total stride {self.stride}")
 
 
 @dataclass(frozen=True)
@@ -97,9 +97,23 @@ def load_encoder(source: str | Path, stage: str | None = None) -> Encoder:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's warnings about a foreign file's pickle protocol
             net, plan = load_exported(path)
+        return _encoder(net, plan, str(path))
     except Exception as e:  # a foreign file fails in many ways (pickle, zip, struct, missing keys): all mean this
-        raise ConfigError(f"{path}: not an encoder export that loads ({type(e).__name__}: {e})") from None
-    return Encoder(net, plan, str(path), _weights_checksum(net))
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"{path}: not an encoder export that loads ({type(e).__name__}: {reason})") from None
+
+
+def _encoder(net: ResidualEncoderUNet, plan: dict[str, Any], source: str) -> Encoder:
+    """An Encoder, its plan's patch size and strides read (and checked) once."""
+    configurations = plan["pretrain_plan"]["configurations"]
+    patch = int(next(iter(configurations.values()))["patch_size"][0])
+    strides = plan["architecture_plans"]["arch_kwargs"]["strides"]
+    stride = int(np.prod([int(s[0]) for s in strides]))
+    if patch < 1 or stride < 1:
+        raise ValueError(f"patch size {patch} and total stride {stride} must be positive")
+    digest = hashlib.sha256(json.dumps(plan["architecture_plans"], sort_keys=True, default=str).encode())
+    digest.update(_weights_checksum(net).encode())
+    return Encoder(net, plan, source, digest.hexdigest(), patch, stride)
 
 
 def embed(
@@ -110,18 +124,31 @@ def embed(
     device: torch.device,
     batch_size: int = 2,
     cache_dir: Path | None = None,
+    content: str = "",
     progress: bool = True,
 ) -> Embeddings:
-    """Embeddings of every volume of `dataset`, from `cache_dir` when this encoder, selection and plan were seen."""
+    """Embeddings of every volume of `dataset`, from `cache_dir` when this encoder, selection and plan were seen.
+
+    `content` identifies the selected volumes' bytes (the manifest's checksums), so a store rewritten in place
+    misses the cache. A result with unreadable volumes is not cached: the next call reads them again.
+    """
     if batch_size < 1:
         raise ConfigError(f"batch_size: expected at least 1, got {batch_size}")
-    key = _cache_key(encoder, dataset, crops)
+    encoder.check_patch_size(crops.patch_size)
+    key = _cache_key(encoder, dataset, crops, device, content)
     path = None if cache_dir is None else Path(cache_dir) / f"{key[:24]}.npz"
-    if path is not None and (cached := _read_cache(path, key)) is not None:
+    if path is not None and (cached := _read_cache(path, key, {v.id for v in dataset.volumes})) is not None:
         return cached
     found = _compute(encoder, dataset, crops, device, batch_size, progress)
-    if path is not None:
-        _write_cache(path, key, found)
+    if not len(found.ids):
+        raise StoreError(f"no volume could be read, e.g. {found.unreadable[0] if found.unreadable else '?'}")
+    if not np.isfinite(found.features).all():
+        raise ConfigError(f"{encoder.source}: the encoder gives non-finite embeddings (NaN or Inf weights?)")
+    if path is not None and not found.unreadable:
+        try:
+            _write_cache(path, key, found)
+        except OSError as e:  # a cache that cannot be written only costs time
+            warnings.warn(f"embedding cache {path} not written: {e}", stacklevel=2)
     return found
 
 
@@ -165,6 +192,8 @@ def _run_export(run: Path, stage: str | None) -> Path:
         stages = [s["name"] for s in json.loads(config.read_text())["stages"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{run}: not a run folder of openmind-train ({config}: {type(e).__name__}: {e})") from None
+    if not stages:
+        raise ConfigError(f"{config}: the run has no stages")
     name = stages[-1] if stage is None else stage
     if name not in stages:
         raise ConfigError(f"--stage: {name!r} is not one of the run's stages {stages}")
@@ -182,23 +211,25 @@ def _weights_checksum(net: ResidualEncoderUNet) -> str:
     return digest.hexdigest()
 
 
-def _cache_key(encoder: Encoder, dataset: PatchDataset, crops: CropPlan) -> str:
-    selection = dataset.state_dict()
+def _cache_key(encoder: Encoder, dataset: PatchDataset, crops: CropPlan, device: torch.device, content: str) -> str:
+    """Everything that decides the numbers: weights, where each volume is read, its bytes, crops, device (bf16)."""
+    where = hashlib.sha256("\n".join(f"{v.id}\t{v.zarr_root}\t{v.shard}\t{v.key}" for v in dataset.volumes).encode())
     parts = {
         "format": CACHE_FORMAT,
         "encoder": encoder.checksum,
-        "volumes": selection["volume_ids"],
-        "count": selection["volumes"],
+        "volumes": where.hexdigest(),
+        "content": content,
         "store": dataset.store,
         "settings_hash": dataset.settings_hash,
         "patch_size": crops.patch_size,
         "fractions": crops.fractions,
+        "device": device.type,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _read_cache(path: Path, key: str) -> Embeddings | None:
-    """The cached embeddings, or None if absent, for another key, or unreadable (then they are recomputed)."""
+def _read_cache(path: Path, key: str, expected: set[str]) -> Embeddings | None:
+    """The cached embeddings of exactly `expected`, or None if absent, for another key, damaged or incomplete."""
     if not path.is_file():
         return None
     try:
@@ -209,6 +240,8 @@ def _read_cache(path: Path, key: str) -> Embeddings | None:
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
         return None
     if features.ndim != 2 or features.shape[0] != ids.shape[0] or not np.isfinite(features).all():
+        return None
+    if set(ids) != expected or len(ids) != len(expected):
         return None
     return Embeddings(ids, features.astype(np.float32), unreadable)
 

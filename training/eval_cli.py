@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 
 from openmind_tools.cli.common import EXIT_OK, positive_int, run_command
-from openmind_tools.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,17 +72,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    import torch
 
     from training.evaluate import parse_targets, probe_encoder
 
     targets = parse_targets(args.target)
-    try:
-        args.device == "auto" or torch.device(args.device)
-    except RuntimeError:
-        raise ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {args.device!r}") from None
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: this machine has no CUDA device")
     report = probe_encoder(
         args.encoder,
         args.manifest,

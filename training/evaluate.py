@@ -8,8 +8,10 @@ settings) and probe.png (bars per target and metric: pretrained vs random vs bas
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,7 @@ class ProbeReport:
 def parse_targets(text: str) -> list[tuple[str, str | None]]:
     """ "sex,age,magnetic_field_strength:categorical" -> [(column, kind or None = by dtype), ...]."""
     targets = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in dict.fromkeys(filter(None, (part.strip() for part in text.split(",")))):  # each once
         name, _, kind = item.partition(":")
         if kind and kind not in KINDS:
             raise ConfigError(f"--target {item!r}: expected COLUMN or COLUMN:KIND with KIND in {KINDS}")
@@ -95,23 +97,24 @@ def probe_encoder(
     encoder = load_encoder(source, stage)
     export = Path(encoder.source)
     out = Path(out) if out is not None else export.with_name(f"{export.stem}_probe")
-    if not out.parent.is_dir():
-        raise ConfigError(f"-o {out}: the folder {out.parent} does not exist")
+    cache = Path(cache_dir) if cache_dir is not None else export.with_name("probe_cache")
+    _writable_folder(out, "-o")  # before any work, not after the embeddings
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError(f"--cache {cache}: exists and is not a folder")
     rows, meta = resolve_manifest(manifest)
     absent = [name for name, _ in targets if name not in rows.columns]
     if absent:
         raise ConfigError(f"--target: {absent} not in the manifest; its columns: {', '.join(rows.columns)}")
     plan = CropPlan(patch_size or encoder.pretrain_patch_size, crops)
+    encoder.check_patch_size(plan.patch_size)
     dataset = PatchDataset(rows, plan.patch_size, store=store, root=meta.get("store_root"))
-    run = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
-    cache = Path(cache_dir) if cache_dir is not None else export.with_name("probe_cache")
+    run = _device(device)
+    checksums = rows.sort_values("id")["checksum"].astype(str) if "checksum" in rows else pd.Series([], dtype=str)
+    content = hashlib.sha256("\n".join(checksums).encode()).hexdigest()  # a store rewritten in place misses
     embedded: dict[str, Embeddings] = {}
     for name, model in (("pretrained", encoder), ("random", encoder.random_init(seed))):
-        embedded[name] = embed(
-            model, dataset, plan, device=run, batch_size=batch_size, cache_dir=cache, progress=progress
-        )
+        embedded[name] = embed(model, dataset, plan, device=run, batch_size=batch_size, cache_dir=cache,
+                               content=content, progress=progress)  # fmt: skip
     ids = embedded["pretrained"].ids
     rows = rows.set_index("id", drop=False).loc[ids].reset_index(drop=True)
     groups = subject_groups(rows)
@@ -122,10 +125,40 @@ def probe_encoder(
     left_out = {
         "unreadable volumes": list(embedded["pretrained"].unreadable),
         "rows": {r.target: r.left_out for r in results},
-    }
+        "volumes without a subject (each its own group)": int(rows["subject"].isna().sum()) if "subject" in rows
+        else len(rows),
+    }  # fmt: skip
     report = ProbeReport(results, out, encoder.source, left_out)
     _write(report, encoder, manifest, plan, store, folds, seed)
     return report
+
+
+def _writable_folder(path: Path, flag: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: exists and is not a folder")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{flag} {path}: the folder {path.parent} does not exist")
+    try:
+        path.mkdir(exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create it ({e.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path}: not writable")
+
+
+def _device(name: str) -> torch.device:
+    bad = ConfigError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise bad
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise bad from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {name}: this machine has no such CUDA device")
+    return device
 
 
 def _aligned(found: Embeddings, ids: Any) -> Any:
@@ -137,7 +170,6 @@ def _aligned(found: Embeddings, ids: Any) -> Any:
 def _write(
     report: ProbeReport, encoder: Encoder, manifest: Any, plan: CropPlan, store: str, folds: int, seed: int
 ) -> None:
-    report.out.mkdir(exist_ok=True)
     table = report.table()
     table.to_csv(report.out / "probe.csv", index=False)
     settings = {
@@ -150,8 +182,12 @@ def _write(
         "folds": folds,
         "seed": seed,
     }
-    document = {"settings": settings, "left_out": report.left_out, "results": table.to_dict(orient="records")}
-    (report.out / "probe.json").write_text(json.dumps(document, indent=1, default=float) + "\n")
+    records = [  # JSON has no NaN: an undefined metric is null
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+        for r in table.to_dict(orient="records")
+    ]
+    document = {"settings": settings, "left_out": report.left_out, "results": records}
+    (report.out / "probe.json").write_text(json.dumps(document, indent=1, default=float, allow_nan=False) + "\n")
     _plot(table, report.out / "probe.png", encoder.source)
 
 

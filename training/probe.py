@@ -82,8 +82,8 @@ def grouped_folds(
     """Train/test index pairs with no group on both sides.
 
     Categorical: stratified, with at most as many folds as the rarest class has subjects, so every test
-    side holds every class. Continuous: at most half as many folds as subjects, so a test side holds two
-    or more subjects (R^2 needs more than one value). Never fewer than two folds.
+    side holds every class. Continuous: at most half as many folds as subjects, so with 4 or more subjects a
+    test side holds two or more (R^2 needs more than one value). Never fewer than two folds.
     """
     groups = np.asarray(groups)
     subjects = len(np.unique(groups))
@@ -138,6 +138,8 @@ def probe(
         left_out["not finite"] = int((~finite).sum())
         keep[np.flatnonzero(keep)[~finite]] = False
         y = y[finite]
+        if np.unique(y).size < 2:
+            raise ConfigError(f"{target}: fewer than 2 distinct values: nothing to probe")
     kept_groups = np.asarray(groups)[keep]
     try:
         splits = grouped_folds(y, kept_groups, kind=kind, folds=folds, seed=seed)
