@@ -29,6 +29,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from openmind_tools import wds_store, zarr_store
 from openmind_tools.errors import StoreError
+from openmind_tools.files import file_problem
 from openmind_tools.volume import Volume
 
 T = TypeVar("T")
@@ -194,6 +195,12 @@ def _one_shard(
     volumes: list[VolumeRef], fs: fsspec.AbstractFileSystem, attempts: int, backoff_s: float
 ) -> Iterator[tuple[VolumeRef, dict[str, Any] | StoreError]]:
     url = volumes[0].shard
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    problem = file_problem(fs._strip_protocol(url)) if local else None  # a FIFO would block the read forever
+    if problem is not None and problem != "file not found":
+        for volume in volumes:
+            yield volume, StoreError(f"volume {volume.id}: shard {url}: {problem}")
+        return
     wanted: dict[str, list[VolumeRef]] = {}
     for volume in volumes:
         wanted.setdefault(volume.key, []).append(volume)

@@ -387,3 +387,17 @@ def test_cuda_batches_arrive_on_the_device_equal_to_cpu_batches(store16: Path) -
     on_gpu = epoch("cuda")
     assert on_gpu[0]["image"].is_cuda
     assert_same_batches([{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in on_gpu], epoch("cpu"))
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_a_fifo_in_place_of_a_stored_object_is_a_store_error_not_a_hang(store16: Path, tmp_path: Path,
+                                                                        store: str) -> None:  # fmt: skip
+    copy = tmp_path / "store"
+    shutil.copytree(store16, copy)
+    rows = pd.read_parquet(copy / "manifest.parquet")
+    first = rows.sort_values("id").iloc[0]
+    path = copy / first["wds_shard"] if store == "wds" else copy / "store.zarr" / "volumes" / first["id"] / "c/0/0/0/0"
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(StoreError, match="not a regular file \\(a FIFO\\)"):
+        run_epoch(make_loader(PatchDataset(copy / "manifest.parquet", PATCH, store=store), batch_size=4))

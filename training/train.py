@@ -358,7 +358,7 @@ class _Log:
         self.path, self.stage = path, stage
         if resumed_at is not None and path.exists():  # drop rows a killed run logged after its last checkpoint
             rows = pd.read_csv(path)
-            rows[rows["step"] <= resumed_at].to_csv(path, index=False)
+            atomic_write_text(path, rows[rows["step"] <= resumed_at].to_csv(index=False))
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # TensorBoard is optional; the CSV has everything
