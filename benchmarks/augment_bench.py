@@ -19,14 +19,11 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import nibabel as nib
-import nilearn.datasets
 import numpy as np
 import torch
 
 from openmind_tools.augment import AugmentSettings, GPUAugment
 
-MNI = Path(nilearn.datasets.__file__).parent / "data"
 NNUNET_P = dict(rotation=0.2, scale=0.2, noise=0.1, blur=0.1, brightness=0.15, contrast=0.15, low_res=0.125, gamma=0.3)
 ALL_P = dict.fromkeys(NNUNET_P, 1.0)
 
@@ -56,29 +53,33 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     rows: list[tuple[str, str, str, tuple[float, float]]] = []  # pipeline, probabilities, where, ms
     for label, p in (("nnU-Net", NNUNET_P), ("all fire", ALL_P)):
-        augment = GPUAugment(_settings(p, args.out_size))
+        augment = GPUAugment(augment_settings(p, args.out_size))
         for threads in sorted({1, cores}) if label == "nnU-Net" else (1,):
             torch.set_num_threads(threads)
             where = f"CPU, {threads} thread{'s' if threads > 1 else ''}"
-            rows.append(("GPUAugment", label, where, _time(partial(augment, image, masks), args.reps)))
+            rows.append(("GPUAugment", label, where, time_calls(partial(augment, image, masks), args.reps)))
         if use_cuda:
             cuda_image, cuda_masks = image.cuda(), tuple(m.cuda() for m in masks)
-            cuda_augment = GPUAugment(_settings(p, args.out_size))
-            ms = _time(partial(cuda_augment, cuda_image, cuda_masks), args.cuda_reps, torch.cuda.synchronize)
+            cuda_augment = GPUAugment(augment_settings(p, args.out_size))
+            ms = time_calls(partial(cuda_augment, cuda_image, cuda_masks), args.cuda_reps, torch.cuda.synchronize)
             rows.append(("GPUAugment", label, torch.cuda.get_device_name(), ms))
         if not args.no_baselines:
             torch.set_num_threads(1)
-            for name, build in (("batchgeneratorsv2", _batchgenerators), ("MONAI", _monai)):
+            for name, build in (("batchgeneratorsv2", _batchgenerators), ("MONAI", monai_pipeline)):
                 pipeline = build(p, args.out_size)
-                rows.append((name, label, "CPU, 1 thread", _time(partial(pipeline, image, masks), args.reps)))
+                rows.append((name, label, "CPU, 1 thread", time_calls(partial(pipeline, image, masks), args.reps)))
     _print_table(rows, args)
     return 0
 
 
 def _batch(batch: int, size: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The MNI152 T1 (z-scored in the head) with head and GM masks, centre-cropped/padded to size^3."""
+    import nibabel as nib  # here: benchmarks/gpu_check.py imports this module where nibabel is absent
+    import nilearn.datasets
+
+    mni = Path(nilearn.datasets.__file__).parent / "data"
     t1, gm = (
-        np.asarray(nib.load(MNI / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz").dataobj) for k in ("t1", "gm")
+        np.asarray(nib.load(mni / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz").dataobj) for k in ("t1", "gm")
     )
     head = t1 > 0
     t1 = np.where(head, (t1 - t1[head].mean()) / t1[head].std(), 0)
@@ -93,11 +94,11 @@ def _batch(batch: int, size: int) -> tuple[torch.Tensor, tuple[torch.Tensor, tor
     return image, (head_mask.to(torch.uint8), gm_mask.to(torch.uint8))
 
 
-def _settings(p: dict[str, float], out_size: int) -> AugmentSettings:
+def augment_settings(p: dict[str, float], out_size: int) -> AugmentSettings:
     return AugmentSettings(out_size=out_size, **{f"p_{k}": v for k, v in p.items()})
 
 
-def _time(fn: Callable[[], object], reps: int, sync: Callable[[], None] | None = None) -> tuple[float, float]:
+def time_calls(fn: Callable[[], object], reps: int, sync: Callable[[], None] | None = None) -> tuple[float, float]:
     """Wall and process CPU time in ms per call over `reps` calls after one warmup.
 
     CPU rows give the mean, the expected cost of pipelines whose work depends on which ops fire; CUDA rows
@@ -180,7 +181,7 @@ def _batchgenerators(p: dict[str, float], out_size: int) -> Callable:
     return run
 
 
-def _monai(p: dict[str, float], out_size: int) -> Callable:
+def monai_pipeline(p: dict[str, float], out_size: int) -> Callable:
     """The closest MONAI dictionary transforms; RandAffine fires rotation and scaling together."""
     import monai.transforms as mt
 

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import fsspec
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from openmind_tools import wds_store, zarr_store
@@ -195,7 +196,7 @@ def _one_shard(
     volumes: list[VolumeRef], fs: fsspec.AbstractFileSystem, attempts: int, backoff_s: float
 ) -> Iterator[tuple[VolumeRef, dict[str, Any] | StoreError]]:
     url = volumes[0].shard
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    local = isinstance(fs, LocalFileSystem)
     problem = file_problem(fs._strip_protocol(url)) if local else None  # a FIFO would block the read forever
     if problem is not None and problem != "file not found":
         for volume in volumes:

@@ -22,6 +22,7 @@ import fsspec
 import numcodecs
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec
 
 from openmind_tools.errors import StoreError
@@ -115,7 +116,7 @@ def delete_volume(root: str | Path, volume_id: str) -> None:
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    return isinstance(fs, LocalFileSystem)
 
 
 def open_volume(root: str | Path, volume_id: str) -> zarr.Array:

@@ -80,6 +80,8 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available
     compile: bool = False  # torch.compile the objective
+    channels_last: bool = False  # channels_last_3d weights and inputs (benchmarks/gpu_check.py measures it)
+    cudnn_benchmark: bool = False  # let cuDNN time its kernels for the fixed patch size (ditto)
     log_every: int = 10  # steps between log lines
     checkpoint_every: int = 200  # steps between checkpoints (one is also written at each stage end)
     stages: tuple[StageConfig, ...] = ()

@@ -60,17 +60,19 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     if use_cuda:
         torch.cuda.set_device(device)
     master = rank == 0
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     out = Path(cfg.out)
     if resume and not (out / CHECKPOINT).is_file():  # before the lock: a refused resume creates nothing
         raise ConfigError(f"{out / CHECKPOINT}: nothing to resume")
+    selections = [_select(stage) for stage in cfg.stages]  # an empty stage fails before any folder is made
     with contextlib.ExitStack() as held:
         if master:
             held.enter_context(_exclusive(out))
-        _train_locked(cfg, resume, overwrite, ddp, device, rank, world, master, out)
+        _train_locked(cfg, resume, overwrite, ddp, device, rank, world, master, out, selections)
     return out
 
 
-def _train_locked(cfg, resume, overwrite, ddp, device, rank, world, master, out) -> None:
+def _train_locked(cfg, resume, overwrite, ddp, device, rank, world, master, out, selections) -> None:
     if not resume and master and _holds_run(out):
         if not overwrite:
             raise ConfigError(f"{out} holds a run: --resume {out} continues it, --overwrite starts afresh (deleting "
@@ -80,7 +82,6 @@ def _train_locked(cfg, resume, overwrite, ddp, device, rank, world, master, out)
     if state is not None and state["config"] != _plain(cfg):
         changed = sorted(k for k in _plain(cfg) if _plain(cfg)[k] != state["config"].get(k))
         raise ConfigError(f"{out}: --resume needs the config the run started with; these differ: {changed}")
-    selections = [_select(stage) for stage in cfg.stages]  # an empty stage fails before any training
     if master and state is None:  # a resumed run keeps the files its start wrote
         atomic_write_text(out / "config.json", json.dumps(_plain(cfg), indent=1))
         for stage, (rows, meta) in zip(cfg.stages, selections, strict=True):
@@ -169,7 +170,8 @@ def _run_stage(
     generator = torch.Generator().manual_seed(cfg.seed + 104729 * rank + index)
 
     init = out / f"{stage.init_from}_final.pt" if stage.init_from is not None else None
-    t = build_trainable(cfg.model, stage, device, world, schedule_steps, init, compile=cfg.compile)
+    t = build_trainable(cfg.model, stage, device, world, schedule_steps, init, compile=cfg.compile,
+                        channels_last=cfg.channels_last)  # fmt: skip
     autocast = _autocast(device)
 
     # resume
@@ -237,6 +239,7 @@ class Trainable:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     params: list[torch.Tensor]
+    memory_format: torch.memory_format = torch.contiguous_format  # of the network inputs (channels_last_3d)
 
 
 def build_trainable(
@@ -247,6 +250,7 @@ def build_trainable(
     schedule_steps: int,
     init: Path | None = None,
     compile: bool = False,
+    channels_last: bool = False,
 ) -> Trainable:
     """Network, objective, optimizer and schedule of a stage; `init` holds a finished stage's weights."""
     net = PRESETS[model_name]()
@@ -260,6 +264,8 @@ def build_trainable(
     else:
         objective = MAELoss(net, mask_ratio=stage.mask_ratio, block_size=stage.block_size)
     objective.to(device)
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    objective.to(memory_format=memory_format)  # conv weights; train_step converts the inputs alike
     params = [p for p in objective.parameters() if p.requires_grad]
     if stage.optimizer == "sgd":  # nnU-Net / nnssl: nesterov, momentum 0.99
         optimizer = torch.optim.SGD(params, lr=stage.lr, momentum=0.99, nesterov=True, weight_decay=stage.weight_decay)
@@ -268,7 +274,7 @@ def build_trainable(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _poly_with_warmup(stage.warmup_steps, schedule_steps))
     model = DDP(objective) if world > 1 else objective
     model = torch.compile(model) if compile else model
-    return Trainable(net, objective, model, optimizer, scheduler, params)
+    return Trainable(net, objective, model, optimizer, scheduler, params, memory_format)
 
 
 def train_step(
@@ -281,7 +287,8 @@ def train_step(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Augment on the device, forward under autocast, clip, step; no host sync (the loss stays a tensor)."""
     view = augment(batch["image"], masks=(batch["anatomy"], batch["deface"]))
-    inputs = {"image": view.image.float(), "target": view.target.float(), "anatomy": view.masks[0],
+    image = view.image.float().contiguous(memory_format=t.memory_format)
+    inputs = {"image": image, "target": view.target.float(), "anatomy": view.masks[0],
               "deface": view.masks[1]}  # fmt: skip
     with autocast:
         loss, logs = t.model(inputs, generator)
