@@ -1,4 +1,8 @@
-"""Session fixtures: the demo corpus and its conversion, built once from the real MRI nilearn ships."""
+"""Session fixtures: the demo corpus and its conversion, built once from the real MRI nilearn ships.
+
+The converter (SimpleITK) is imported inside the fixtures, so `pytest -m gpu` runs on a GPU machine that
+carries only the loader's and trainer's dependencies.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from openmind_tools.convert import convert
-from openmind_tools.demo import write_demo_corpus
-
 
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from openmind_tools.demo import write_demo_corpus
+
     return write_demo_corpus(tmp_path_factory.mktemp("demo") / "corpus")
 
 
 @pytest.fixture(scope="session")
 def demo_out(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo corpus converted into both stores (treat as read-only: tests share it)."""
+    from openmind_tools.convert import convert
+
     out = tmp_path_factory.mktemp("demo_out") / "out"
     convert(demo_corpus, out, formats=("zarr", "wds"), progress=False)
     return out
