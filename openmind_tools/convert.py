@@ -1,12 +1,14 @@
 """Convert a corpus into stores + manifest: discover -> preprocess -> write -> manifest rows, on dask.
 
-Resumable by construction: each finished volume (or failure) is appended to `OUT/.journal.jsonl` by
-the driver only after its sample was renamed into place, and tar shards are packed afterwards from a
-deterministic plan (sorted ids, cut at `shard_bytes`), each written whole and renamed. A killed run
-rerun with the same command skips what the journal holds, so its manifest equals an uninterrupted
-run's; `manifest.parquet` and `errors.parquet` are rewritten from the journal at the end. With tar
-shards alone, volumes are staged in a hidden `.staging.zarr` that is kept, so a later run over more
-inputs (a larger --limit, --retry-errors) can repack the shards.
+Resumable by construction: volumes are submitted through a bounded window (`openmind_tools.parallel`),
+and each finished volume (or failure) is appended to `OUT/.journal.jsonl` by the driver as it arrives,
+after its sample was renamed into place. Tar shards are packed afterwards, each written whole and
+renamed: volumes in no shard yet are cut in id order at `shard_bytes` into new shards, and a written
+shard's members never change, so a retry or an added volume rewrites no shard. A killed run rerun with
+the same command skips what the journal holds, so its manifest equals an uninterrupted run's;
+`manifest.parquet` and `errors.parquet` are rewritten from the journal at the end. With tar shards
+alone, volumes are staged in a hidden `.staging.zarr` that is kept, so a later run over more inputs
+(a larger --limit, --retry-errors) can pack them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,13 +25,13 @@ from typing import Any, TextIO
 import numcodecs
 import pandas as pd
 import SimpleITK as sitk
-from tqdm.auto import tqdm
 
 from openmind_tools import __version__, wds_store, zarr_store
 from openmind_tools.corpus import Corpus, Rejected, SourceImage, discover
 from openmind_tools.errors import ConfigError, InputError, MachineError
 from openmind_tools.files import atomic_write_text, machine_error
 from openmind_tools.manifest_io import ERRORS, MANIFEST, write_table
+from openmind_tools.parallel import run_tasks
 from openmind_tools.preprocess import PreprocessSettings, preprocess
 
 FORMATS = ("zarr", "wds")
@@ -120,8 +122,8 @@ def _convert_locked(
     done = {i: r for i, r in done.items() if r["status"] != "ok" or zarr_store.is_stored(zarr_root, i)}
     todo = [img for img in corpus.images if img.id not in done]
     with _open_journal(out / JOURNAL) as log:
-        results = _run(_convert_one, todo, client, progress, "convert", _worker_died, zarr_root=str(zarr_root),
-                       settings=settings)  # fmt: skip
+        results = run_tasks(_convert_one, todo, client, progress=progress, what="convert", on_error=_worker_died,
+                            zarr_root=str(zarr_root), settings=settings)  # fmt: skip
         for record in results:
             if record["status"] == "machine":  # not the input's fault: nothing journaled, the rerun converts it
                 raise MachineError(f"{record['reason']}; nothing was recorded against {record['id']}, and rerunning "
@@ -191,27 +193,46 @@ def _pack_shards(
     progress: bool,
     log: Any,
 ) -> None:
-    """Pack converted volumes into tar shards by a plan that depends only on the sorted records."""
-    plan: list[list[dict[str, Any]]] = [[]]
+    """Pack converted volumes into tar shards whose members never change once a shard is written.
+
+    A shard the journal records keeps its members (a missing file is written again with them). Volumes in
+    no recorded shard are cut, in id order, at `shard_bytes` into new shards numbered after the last one,
+    so a retried or added volume writes one new shard and rewrites none. A kill -9 while packing resumes
+    to the shards an uninterrupted run writes: the rest is cut from the same boundary, the same way.
+    """
+    ok = {r["id"]: r for r in records}
+
+    def member(volume_id: str) -> tuple[str, tuple[int, ...], dict[str, Any]]:
+        r = ok[volume_id]
+        return r["id"], tuple(r["shape"]), {k: r[k] for k in _SAMPLE_JSON}
+
+    jobs = []
+    for name, entry in sorted(packed.items()):
+        members = [v for v in entry["ids"] if v in ok]  # a smaller --limit may not convert them all
+        if members and not (out / name).is_file():
+            jobs.append((name, [member(v) for v in members]))
+    placed = {v for entry in packed.values() for v in entry["ids"]}
+    first = 1 + max((wds_store.shard_index(name) for name in packed), default=-1)
+    plan: list[list[str]] = [[]]
     size = 0
     for record in records:
+        if record["id"] in placed:
+            continue
         nbytes = wds_store.sample_nbytes(record["shape"])
         if plan[-1] and size + nbytes > shard_bytes:
             plan.append([])
             size = 0
-        plan[-1].append(record)
+        plan[-1].append(record["id"])
         size += nbytes
-    jobs = []
-    for index, members in enumerate(plan):
-        name = wds_store.shard_name(index)
-        ids = [r["id"] for r in members]
-        if members and not (packed.get(name, {}).get("ids") == ids and (out / name).is_file()):
-            jobs.append((name, [(r["id"], tuple(r["shape"]), {k: r[k] for k in _SAMPLE_JSON}) for r in members]))
-    planned = {wds_store.shard_name(i) for i in range(len(plan))}
+    for index, ids in enumerate((ids for ids in plan if ids), start=first):
+        jobs.append((wds_store.shard_name(index), [member(v) for v in ids]))
+    planned = set(packed) | {name for name, _ in jobs}
     for stale in (out / "shards").glob("*.tar*") if (out / "shards").is_dir() else ():
         if f"shards/{stale.name}" not in planned:
             stale.unlink()
-    for name, ids, nbytes in _run(_pack_one, jobs, client, progress, "pack", out=str(out), zarr_root=str(zarr_root)):
+    packed_now = run_tasks(_pack_one, jobs, client, progress=progress, what="pack", unit="shard", out=str(out),
+                           zarr_root=str(zarr_root))  # fmt: skip
+    for name, ids, nbytes in packed_now:
         packed[name] = {"shard": name, "ids": ids, "nbytes": nbytes}
         _append(log, packed[name])
 
@@ -224,50 +245,6 @@ def _pack_one(
     samples = ((vid, zarr_store.read_volume(zarr_root, vid, shape), meta) for vid, shape, meta in members)
     sizes = wds_store.write_shard(Path(out) / name, samples)
     return name, [vid for vid, _, _ in members], list(sizes.values())
-
-
-def _run(
-    fn: Callable, items: list, client: Any, progress: bool, what: str, on_error: Callable | None = None, **kwargs: Any
-) -> Iterator[Any]:
-    """Map `fn` over `items` on the dask client (or here), yielding results as they complete.
-
-    A task whose worker died (out-of-memory kill, a crash in a native library) raises on the client, and
-    so do the tasks that were running beside it. With `on_error`, those tasks run again one at a time at
-    the end: a bystander then succeeds, and a task that kills its worker alone becomes `on_error(item,
-    exception)`, so one poisonous input cannot stop the run.
-    """
-    bar = tqdm(total=len(items), desc=what, unit="vol" if what == "convert" else "shard", disable=not progress)
-    with bar:
-        if client is None:
-            for item in items:
-                yield fn(item, **kwargs)
-                bar.update()
-            return
-        from dask.distributed import KilledWorker, as_completed
-
-        futures = client.map(fn, items, pure=False, **kwargs)
-        item_of = {future.key: item for future, item in zip(futures, items, strict=True)}
-        died = []
-        for future in as_completed(futures):
-            try:
-                result = future.result()
-            except Exception:
-                if on_error is None:
-                    raise
-                died.append(item_of[future.key])
-                continue
-            bar.update()
-            yield result
-        for item in died:
-            try:
-                result = client.submit(fn, item, pure=False, **kwargs).result()
-            except KilledWorker as e:  # it killed its worker alone: the input's fault
-                result = on_error(item, e)
-            except Exception as e:  # the scheduler or a worker connection was lost: the machine's
-                raise MachineError(f"the dask cluster failed while running {what} ({type(e).__name__}: {e}); "
-                                   "check the workers and rerun the same command: it resumes") from e  # fmt: skip
-            bar.update()
-            yield result
 
 
 def _worker_died(image: SourceImage, error: Exception) -> dict[str, Any]:

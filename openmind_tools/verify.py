@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-from tqdm.auto import tqdm
-
 from openmind_tools import wds_store, zarr_store
 from openmind_tools.errors import ConfigError
 from openmind_tools.manifest_io import MANIFEST, read_table
+from openmind_tools.parallel import run_tasks
 
 
 @dataclass(frozen=True)
@@ -32,8 +30,11 @@ class Problem:
         return f"{self.volume_id + ': ' if self.volume_id else ''}{self.path}: {self.reason}"
 
 
-def verify(out: str | Path, progress: bool = True) -> list[Problem]:
-    """Problems found in `out` (empty when every sample of every store matches the manifest)."""
+def verify(out: str | Path, progress: bool = True, client: Any = None) -> list[Problem]:
+    """Problems found in `out` (empty when every sample of every store matches the manifest).
+
+    One task per Zarr volume and per tar shard, on `client` (a dask Client, as conversion uses) or here.
+    """
     out = Path(out)
     try:
         manifest, _ = read_table(out / MANIFEST)
@@ -41,19 +42,29 @@ def verify(out: str | Path, progress: bool = True) -> list[Problem]:
         raise ConfigError(f"{out / MANIFEST}: not a readable manifest ({type(e).__name__}: {e})") from None
     problems: list[Problem] = []
     if "zarr_store" in manifest:
-        for row in tqdm(manifest.itertuples(), total=len(manifest), desc="verify zarr", disable=not progress):
-            root = out / row.zarr_store
-            path = root / row.zarr_array
-            try:
-                got = zarr_store.read_volume(str(root), row.id, tuple(row.shape)).checksum()
-            except Exception as e:  # any decode failure is a finding, not a crash
-                problems.append(Problem(row.id, path, "zarr", f"unreadable ({type(e).__name__}: {e})"))
-                continue
-            if got != row.checksum:
-                problems.append(Problem(row.id, path, "zarr", f"checksum {got} != manifest {row.checksum}"))
+        shapes = (tuple(int(v) for v in shape) for shape in manifest["shape"])
+        columns = (manifest["id"], manifest["zarr_store"], manifest["zarr_array"], shapes, manifest["checksum"])
+        rows = list(zip(*columns, strict=True))
+        for found in run_tasks(_check_volume, rows, client, progress=progress, what="verify zarr", out=str(out)):
+            problems += found
     if "wds_shard" in manifest:
-        problems += _verify_shards(out, manifest, progress)
-    return problems
+        shards = [(shard, dict(zip(rows["id"], rows["checksum"], strict=True)))
+                  for shard, rows in manifest.groupby("wds_shard")]  # fmt: skip
+        for found in run_tasks(_check_shard, shards, client, progress=progress, what="verify shards", unit="shard",
+                               out=str(out)):  # fmt: skip
+            problems += found
+    return sorted(problems, key=lambda p: (p.store, str(p.path), p.volume_id or ""))
+
+
+def _check_volume(row: tuple[str, str, str, tuple[int, int, int], str], out: str) -> list[Problem]:
+    volume_id, store, array, shape, checksum = row
+    root = Path(out) / store
+    path = root / array
+    try:
+        got = zarr_store.read_volume(str(root), volume_id, shape).checksum()
+    except Exception as e:  # any decode failure is a finding, not a crash
+        return [Problem(volume_id, path, "zarr", f"unreadable ({type(e).__name__}: {e})")]
+    return [] if got == checksum else [Problem(volume_id, path, "zarr", f"checksum {got} != manifest {checksum}")]
 
 
 def repair(out: str | Path, problems: list[Problem], client: Any = None, progress: bool = True) -> Any:
@@ -81,20 +92,17 @@ def repair(out: str | Path, problems: list[Problem], client: Any = None, progres
                    progress=progress)  # fmt: skip
 
 
-def _verify_shards(out: Path, manifest: pd.DataFrame, progress: bool) -> list[Problem]:
-    problems = []
-    for shard, rows in tqdm(manifest.groupby("wds_shard"), desc="verify shards", disable=not progress):
-        path = out / shard
-        expected = dict(zip(rows["id"], rows["checksum"], strict=True))
-        seen = set()
-        try:
-            for volume_id, volume, _ in wds_store.iter_shard(path):
-                seen.add(volume_id)
-                if volume_id not in expected:
-                    problems.append(Problem(volume_id, path, "wds", "held here, but the manifest places it elsewhere"))
-                elif volume.checksum() != expected[volume_id]:
-                    problems.append(Problem(volume_id, path, "wds", "checksum differs from the manifest"))
-        except Exception as e:
-            problems.append(Problem(None, path, "wds", f"unreadable ({type(e).__name__}: {e})"))
-        problems += [Problem(vid, path, "wds", "missing from the shard") for vid in sorted(set(expected) - seen)]
-    return problems
+def _check_shard(job: tuple[str, dict[str, str]], out: str) -> list[Problem]:
+    shard, expected = job
+    path = Path(out) / shard
+    problems, seen = [], set()
+    try:
+        for volume_id, volume, _ in wds_store.iter_shard(path):
+            seen.add(volume_id)
+            if volume_id not in expected:
+                problems.append(Problem(volume_id, path, "wds", "held here, but the manifest places it elsewhere"))
+            elif volume.checksum() != expected[volume_id]:
+                problems.append(Problem(volume_id, path, "wds", "checksum differs from the manifest"))
+    except Exception as e:
+        problems.append(Problem(None, path, "wds", f"unreadable ({type(e).__name__}: {e})"))
+    return problems + [Problem(v, path, "wds", "missing from the shard") for v in sorted(set(expected) - seen)]

@@ -32,6 +32,11 @@ def shard_name(index: int) -> str:
     return f"shards/shard-{index:06d}.tar"
 
 
+def shard_index(name: str) -> int:
+    """The number in a `shard_name`: `shards/shard-000012.tar` -> 12."""
+    return int(Path(name).name.removeprefix("shard-").removesuffix(".tar"))
+
+
 def sample_key(volume_id: str) -> str:
     """webdataset splits a member name at the first dot of its basename, so a key holds no dot.
 

@@ -152,6 +152,9 @@ def _verify_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("out", type=existing_dir, help="a folder written by openmind-convert")
     p.add_argument("--repair", action="store_true", help="reconvert the damaged or missing samples, then verify again")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="local dask worker processes (0 = here)")
+    p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:8786)")
+    p.add_argument("--memory-limit", type=byte_size, default="auto", help="per local worker, e.g. 6GiB")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -159,16 +162,18 @@ def _verify_parser() -> argparse.ArgumentParser:
 def _verify(args: argparse.Namespace) -> int:
     from openmind_tools.verify import repair, verify
 
-    problems = verify(args.out, progress=not args.quiet)
-    for problem in problems:
-        print(problem)
-    print(f"{len(problems)} problem(s) found in {args.out}")
-    if problems and args.repair:
-        print(repair(args.out, problems, progress=not args.quiet))
-        problems = verify(args.out, progress=not args.quiet)
+    with ExitStack() as stack:
+        client = None if args.workers == 0 and not args.scheduler else stack.enter_context(_client(args))
+        problems = verify(args.out, progress=not args.quiet, client=client)
         for problem in problems:
             print(problem)
-        print(f"after repair: {len(problems)} problem(s) in {args.out}")
+        print(f"{len(problems)} problem(s) found in {args.out}")
+        if problems and args.repair:
+            print(repair(args.out, problems, client=client, progress=not args.quiet))
+            problems = verify(args.out, progress=not args.quiet, client=client)
+            for problem in problems:
+                print(problem)
+            print(f"after repair: {len(problems)} problem(s) in {args.out}")
     return EXIT_FAILURES if problems else EXIT_OK
 
 

@@ -52,9 +52,15 @@ def test_torchrun_two_ranks_runs_both_stages_and_exports(demo_out: Path, tmp_pat
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(demo_out: Path, tmp_path: Path) -> None:
-    common = ["--stages.voco.max_steps=30", "--stages.mae.max_steps=0", "--run.checkpoint_every=5",
-              "--stages.voco.num_workers=1", "--stages.voco.patch_size=32", "--stages.voco.out_size=32",
-              "--stages.voco.batch_size=2"]  # fmt: skip  (the pre-48^3 demo steps)
+    common = [
+        "--stages.voco.max_steps=30",
+        "--stages.mae.max_steps=0",
+        "--run.checkpoint_every=5",
+        "--stages.voco.num_workers=1",
+        "--stages.voco.patch_size=32",
+        "--stages.voco.out_size=32",
+        "--stages.voco.batch_size=2",
+    ]  # fmt: skip  (the pre-48^3 demo steps)
     # Every run in a fresh process: torch's thread count (set by other tests in this one) changes the sums.
     train = [sys.executable, "-m", "training"]
     subprocess.run([*train, *_args(demo_out, tmp_path / "straight", *common)], check=True, capture_output=True)

@@ -1,0 +1,86 @@
+"""Map a function over many items on a dask cluster (or in this process), through a bounded window.
+
+At most `window` tasks are submitted at a time (dask's `as_completed`, refilled as each finishes), so the
+driver holds a window of futures rather than one per item of a 114k-volume job, and a caller that
+journals each result as it arrives loses at most the window to a kill -9. A task whose worker died
+(out-of-memory kill, a crash in a native library) is retried alone at the end, so the tasks that merely
+ran beside it still succeed, and one that kills its worker alone becomes `on_error(item, error)`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from openmind_tools.errors import MachineError
+
+
+def default_window(client: Any) -> int:
+    """Four tasks per worker thread: enough to keep every worker busy, few enough to lose little to a kill."""
+    threads = sum(client.nthreads().values()) if client is not None else 1
+    return 4 * max(threads, 1)
+
+
+def run_tasks(
+    fn: Callable,
+    items: list,
+    client: Any,
+    *,
+    progress: bool,
+    what: str,
+    unit: str = "vol",
+    on_error: Callable | None = None,
+    window: int | None = None,
+    **kwargs: Any,
+) -> Iterator[Any]:
+    """Yield `fn(item, **kwargs)` for every item as the results complete (in this process if `client` is None)."""
+    bar = tqdm(total=len(items), desc=what, unit=unit, disable=not progress)
+    with bar:
+        if client is None:
+            for item in items:
+                yield fn(item, **kwargs)
+                bar.update()
+            return
+        from dask.distributed import KilledWorker, as_completed
+
+        window = window or default_window(client)
+        pending = iter(items)
+        item_of: dict[str, Any] = {}
+
+        def submit(item: Any) -> Any:
+            future = client.submit(fn, item, pure=False, **kwargs)
+            item_of[future.key] = item
+            return future
+
+        running = as_completed([submit(item) for item in itertools.islice(pending, window)])
+        died = []
+        for future in running:
+            item = item_of.pop(future.key)
+            try:
+                result, error = future.result(), None
+            except Exception as e:
+                result, error = None, e
+            future.release()  # the driver keeps no result it has handed on
+            refill = next(pending, None)
+            if refill is not None:  # refill before handing the result on: the workers never wait for the caller
+                running.add(submit(refill))
+            if error is not None:
+                if on_error is None:
+                    raise error
+                died.append(item)
+                continue
+            bar.update()
+            yield result
+        for item in died:
+            try:
+                result = client.submit(fn, item, pure=False, **kwargs).result()
+            except KilledWorker as e:  # it killed its worker alone: the input's fault
+                result = on_error(item, e)
+            except Exception as e:  # the scheduler or a worker connection was lost: the machine's
+                raise MachineError(f"the dask cluster failed while running {what} ({type(e).__name__}: {e}); "
+                                   "check the workers and rerun the same command: it resumes") from e  # fmt: skip
+            bar.update()
+            yield result
