@@ -1,7 +1,7 @@
 """Map a function over many items on a dask cluster (or in this process), through a bounded window.
 
-At most `window` tasks are submitted at a time (dask's `as_completed`, refilled as each finishes), so the
-driver holds a window of futures rather than one per item of a 114k-volume job, and a caller that
+At most `window` tasks are in flight (dask's `as_completed`, refilled by one `client.map` once half
+are done), so the driver holds a window of futures rather than one per item of a 114k-volume job, and a caller that
 journals each result as it arrives loses at most the window to a kill -9. A task whose worker died
 (out-of-memory kill, a crash in a native library) is retried alone at the end, so the tasks that merely
 ran beside it still succeed, and one that kills its worker alone becomes `on_error(item, error)`.
@@ -19,9 +19,13 @@ from openmind_tools.errors import MachineError
 
 
 def default_window(client: Any) -> int:
-    """Four tasks per worker thread: enough to keep every worker busy, few enough to lose little to a kill."""
+    """16 tasks per worker thread, the most a kill can lose.
+
+    Measured on 2 workers: real heads convert as fast as with every task submitted at once; 2,000 tiny
+    (16^3) volumes took 1.2-1.4x as long, where 4 per thread took 1.5x.
+    """
     threads = sum(client.nthreads().values()) if client is not None else 1
-    return 4 * max(threads, 1)
+    return 16 * max(threads, 1)
 
 
 def run_tasks(
@@ -50,12 +54,13 @@ def run_tasks(
         pending = iter(items)
         item_of: dict[str, Any] = {}
 
-        def submit(item: Any) -> Any:
-            future = client.submit(fn, item, pure=False, **kwargs)
-            item_of[future.key] = item
-            return future
+        def submit(count: int) -> list[Any]:  # one client.map per refill: one message, kwargs sent once
+            chunk = list(itertools.islice(pending, count))
+            futures = client.map(fn, chunk, pure=False, **kwargs) if chunk else []
+            item_of.update((future.key, item) for future, item in zip(futures, chunk, strict=True))
+            return futures
 
-        running = as_completed([submit(item) for item in itertools.islice(pending, window)])
+        running = as_completed(submit(window))
         died = []
         for future in running:
             item = item_of.pop(future.key)
@@ -64,9 +69,9 @@ def run_tasks(
             except Exception as e:
                 result, error = None, e
             future.release()  # the driver keeps no result it has handed on
-            refill = next(pending, None)
-            if refill is not None:  # refill before handing the result on: the workers never wait for the caller
-                running.add(submit(refill))
+            if len(item_of) <= window // 2:  # refill before handing the result on: workers never wait for it
+                for refill in submit(window - len(item_of)):
+                    running.add(refill)
             if error is not None:
                 if on_error is None:
                     raise error
