@@ -418,8 +418,10 @@ def _volume_refs(rows: pd.DataFrame, store: str, base: str | None) -> list[Volum
         first = rows.loc[where.isna(), "id"].iloc[0]
         raise ConfigError(f"{int(where.isna().sum())} volume(s), e.g. {first}, have no {store} store in the manifest")
     volumes = []
+    urls: dict[str, str] = {}  # one string per store or shard, shared by its volumes' refs
     for row in rows.sort_values("id", kind="stable").itertuples(index=False):
-        url = _resolve(base, row.zarr_store if store == "zarr" else row.wds_shard)
+        where = row.zarr_store if store == "zarr" else row.wds_shard
+        url = urls.get(where) or urls.setdefault(where, _resolve(base, where))
         volumes.append(
             VolumeRef(
                 id=row.id,

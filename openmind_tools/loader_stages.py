@@ -45,9 +45,13 @@ CROP_STREAM, SHUFFLE_STREAM = 1, 2
 MASK_BITS = {"anatomy": 0, "deface": 1, "valid": 2}  # bits of a batch's "masks" code
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VolumeRef:
-    """Where one manifest row's sample lives; small and picklable, built once in the main process."""
+    """Where one manifest row's sample lives; small and picklable, built once in the main process.
+
+    Every DataLoader worker holds one per volume of the selection: slots and shared store URLs keep it
+    at ~255 bytes each (365 without), ~30 MB per worker at 114k volumes.
+    """
 
     id: str
     shape: tuple[int, int, int]
