@@ -421,7 +421,9 @@ def _volume_refs(rows: pd.DataFrame, store: str, base: str | None) -> list[Volum
     urls: dict[str, str] = {}  # one string per store or shard, shared by its volumes' refs
     for row in rows.sort_values("id", kind="stable").itertuples(index=False):
         where = row.zarr_store if store == "zarr" else row.wds_shard
-        url = urls.get(where) or urls.setdefault(where, _resolve(base, where))
+        if where not in urls:
+            urls[where] = _resolve(base, where)
+        url = urls[where]
         volumes.append(
             VolumeRef(
                 id=row.id,

@@ -25,12 +25,11 @@ from typing import Any, TypeVar
 import fsspec
 import numpy as np
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from openmind_tools import wds_store, zarr_store
 from openmind_tools.errors import StoreError
-from openmind_tools.files import file_problem
+from openmind_tools.files import unreadable_object
 from openmind_tools.volume import Volume
 
 T = TypeVar("T")
@@ -200,9 +199,8 @@ def _one_shard(
     volumes: list[VolumeRef], fs: fsspec.AbstractFileSystem, attempts: int, backoff_s: float
 ) -> Iterator[tuple[VolumeRef, dict[str, Any] | StoreError]]:
     url = volumes[0].shard
-    local = isinstance(fs, LocalFileSystem)
-    problem = file_problem(fs._strip_protocol(url)) if local else None  # a FIFO would block the read forever
-    if problem is not None and problem != "file not found":
+    problem = unreadable_object(fs, url)
+    if problem is not None:
         for volume in volumes:
             yield volume, StoreError(f"volume {volume.id}: shard {url}: {problem}")
         return

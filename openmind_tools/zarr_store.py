@@ -22,11 +22,10 @@ import fsspec
 import numcodecs
 import numpy as np
 import zarr
-from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec
 
 from openmind_tools.errors import StoreError
-from openmind_tools.files import file_problem
+from openmind_tools.files import file_problem, unreadable_object
 from openmind_tools.volume import Volume
 
 CHUNK_KEY = "c/0/0/0/0"  # the only chunk of a (2, X, Y, Z) array with chunk_key_encoding "default"
@@ -89,8 +88,8 @@ def read_volume(
     """Fetch and decode the volume's one chunk object; `shape` is the manifest's (X, Y, Z)."""
     url = f"{str(root).rstrip('/')}/{array_path(volume_id)}/{CHUNK_KEY}"
     fs = fs or fsspec.core.url_to_fs(url)[0]
-    if _is_local(fs) and (problem := file_problem(fs._strip_protocol(url))) not in (None, "file not found"):
-        raise StoreError(f"volume {volume_id}: {url}: {problem}")  # a FIFO would block the read forever
+    if problem := unreadable_object(fs, url):
+        raise StoreError(f"volume {volume_id}: {url}: {problem}")
     try:
         raw = fs.cat_file(url)
     except FileNotFoundError:
@@ -113,10 +112,6 @@ def is_stored(root: str | Path, volume_id: str) -> bool:
 def delete_volume(root: str | Path, volume_id: str) -> None:
     """Remove a (damaged) volume's array so the next run converts it again."""
     shutil.rmtree(Path(root) / array_path(volume_id), ignore_errors=True)
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return isinstance(fs, LocalFileSystem)
 
 
 def open_volume(root: str | Path, volume_id: str) -> zarr.Array:
