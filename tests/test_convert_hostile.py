@@ -156,6 +156,7 @@ def test_bad_arguments_exit_2_naming_the_argument(demo_corpus: Path, tmp_path: P
         (main, [str(demo_corpus), out, "--shard-size", "0"], "--shard-size"),
         (main, [str(demo_corpus), out, "--spacing", "nan"], "--spacing"),
         (main, ["verify", str(tmp_path / "missing")], "is not a folder"),
+        (main, [str(demo_corpus), out, "--scheduler", "tcp://127.0.0.1:1"], "cannot connect"),
         (manifest_main, ["query", str(tmp_path / "m.parquet"), "-o", str(tmp_path / "no" / "q.parquet")],
          "does not exist"),
         (train_main, ["export", str(tmp_path / "missing"), "-o", str(tmp_path / "e.pt")], "is not a folder"),

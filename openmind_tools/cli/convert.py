@@ -27,6 +27,7 @@ from openmind_tools.cli.common import (
     positive_int,
     run_command,
 )
+from openmind_tools.errors import ConfigError
 from openmind_tools.preprocess import PreprocessSettings
 
 EXIT_FAILURES = EXIT_DATA
@@ -127,7 +128,11 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
     from dask.distributed import Client, LocalCluster
 
     if args.scheduler:
-        with Client(args.scheduler) as client:
+        try:
+            client = Client(args.scheduler, timeout="10s")
+        except (OSError, TimeoutError, ValueError) as e:
+            raise ConfigError(f"--scheduler {args.scheduler}: cannot connect ({e})") from None
+        with client:
             yield client
         return
     with (
