@@ -47,9 +47,10 @@ def run(
     """One row: ms/step, patches/s, data stall and peak device memory of `steps` timed steps."""
     device = torch.device(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark
+    head = 2048 if model == "resenc_l" else 64
+    options = {"mae": {"block_size": 16 if size % 16 == 0 else 8}, "voco": {"hidden_dim": head, "out_dim": head}}
     stage = StageConfig(name=objective, objective=objective, manifest=manifest, batch_size=batch, patch_size=read,
-                        out_size=size, num_workers=workers, block_size=16 if size % 16 == 0 else 8,
-                        voco_head_dim=2048 if model == "resenc_l" else 64)  # fmt: skip
+                        out_size=size, num_workers=workers, options=options.get(objective, {}))  # fmt: skip
     t = build_trainable(model, stage, device, world=1, schedule_steps=10**6, compile=compile,
                         channels_last=channels_last)  # fmt: skip
     augment = GPUAugment(AugmentSettings(out_size=size))

@@ -15,7 +15,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -32,6 +32,7 @@ from openmind_tools.errors import ConfigError, StoreError
 from openmind_tools.loader_stages import (
     SHUFFLE_STREAM,
     VolumeRef,
+    balanced,
     batches,
     crop_volumes,
     decode_samples,
@@ -48,7 +49,7 @@ from openmind_tools.loader_stages import (
     with_retries,
     wrap_to_multiple,
 )
-from openmind_tools.manifest import resolve_manifest
+from openmind_tools.manifest import balance_weights, resolve_manifest
 from openmind_tools.volume import Volume
 
 STORES = ("zarr", "wds")
@@ -67,6 +68,11 @@ class PatchDataset(IterableDataset):
     storage. `on_error="skip"` replaces an unreadable volume (see `replace_failures`) instead of stopping.
     `shuffle_bytes` bounds each worker's tar-sample shuffle buffer; `prefetch` is the number of volumes
     each worker reads ahead on threads. `rank`/`world_size` default to torchrun's environment.
+    `metadata` names manifest columns to put on every batch as batch["metadata"][column], a (B,) tensor: a
+    column whose present values are all numbers is float32 with NaN where missing; any other is categorical,
+    int64 codes into `self.categories[column]` (its sorted distinct values; -1 where missing).
+    `balance_by` (a column or several) draws each epoch's volumes with replacement, inversely to the size of
+    their group (manifest.balance_weights): as many draws as volumes, the same on every rank, resumable.
     Iterating yields batches of the position's batch size (`make_loader` sets it; 1 by default) with the
     masks still packed in one uint8 code ("masks"; `loader_stages.unpack_masks` splits it).
     """
@@ -89,6 +95,8 @@ class PatchDataset(IterableDataset):
         backoff_s: float = 0.2,  # first wait between tries; doubles each time
         rank: int | None = None,
         world_size: int | None = None,
+        metadata: Sequence[str] = (),
+        balance_by: str | Sequence[str] = (),
         **filters: Any,
     ) -> None:
         super().__init__()
@@ -113,7 +121,12 @@ class PatchDataset(IterableDataset):
         rows, meta = resolve_manifest(manifest, self.storage_options, **filters)
         base = str(root) if root is not None else meta.get("store_root")
         self.settings_hash = _settings_hash(rows, meta)
-        self.volumes = _volume_refs(rows, store, None if base is None else base.rstrip("/"))
+        rows = rows.sort_values("id", kind="stable")  # the order of self.volumes
+        self.metadata = tuple(metadata)
+        self.categories, values = _typed_metadata(rows, self.metadata)
+        self.volumes = _volume_refs(rows, store, None if base is None else base.rstrip("/"), values)
+        self.balance_by = (balance_by,) if isinstance(balance_by, str) else tuple(balance_by)
+        self._weights = balance_weights(rows, self.balance_by) if self.balance_by else None
         self.protocol = fsspec.core.split_protocol(_first_url(self.volumes[0]))[0] or "file"
         if store == "zarr":
             self._check_zarr_stores()
@@ -157,6 +170,7 @@ class PatchDataset(IterableDataset):
             "world_size": self.world_size,
             "volumes": len(self.volumes),
             "volume_ids": _digest(v.id for v in self.volumes),
+            "balance_by": list(self.balance_by),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -182,7 +196,10 @@ class PatchDataset(IterableDataset):
         # worker j plays the part of worker (j + consumed) % W, which made every W-th of them.
         worker = (worker + consumed) % num_workers
         skip = len(range(worker, consumed, num_workers)) * batch_size
-        volumes = shuffled(self.volumes, seed=self.seed, epoch=epoch, by_shard=self.store == "wds")
+        volumes = self.volumes
+        if self._weights is not None:
+            volumes = balanced(volumes, weights=self._weights, seed=self.seed, epoch=epoch)
+        volumes = shuffled(volumes, seed=self.seed, epoch=epoch, by_shard=self.store == "wds")
         volumes = wrap_to_multiple(volumes, multiple=self.world_size * num_workers)
         rank_volumes = list(split_by_rank(volumes, rank=self.rank, world_size=self.world_size))
         volumes = list(split_by_worker(rank_volumes, worker=worker, num_workers=num_workers))
@@ -214,7 +231,13 @@ class PatchDataset(IterableDataset):
             rank=self.rank,
             worker=worker,
         )
-        yield from batches(itertools.islice(crops, partial, None), batch_size=batch_size, patch_size=self.patch_size)
+        yield from batches(itertools.islice(crops, partial, None), batch_size=batch_size, patch_size=self.patch_size,
+                           metadata=self.metadata_types)  # fmt: skip
+
+    @property
+    def metadata_types(self) -> tuple[tuple[str, torch.dtype], ...]:
+        """(column, dtype) of each requested metadata column, as batches carry them."""
+        return tuple((c, torch.float32 if self.categories[c] is None else torch.int64) for c in self.metadata)
 
     def read_each(self) -> Iterator[tuple[VolumeRef, Volume | StoreError]]:
         """Every selected volume once, in this process: for evaluation, not for training.
@@ -338,15 +361,14 @@ class PatchLoader:
         if batch is None or self._stream is None:
             return None if batch is None else unpack_masks(batch)
         with torch.cuda.stream(self._stream):
-            moved = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            return unpack_masks(moved)
+            return unpack_masks(_moved(batch, self.device))
 
     def _ready(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Make the caller's stream wait for the copy, and keep the memory alive for that stream."""
         if self._stream is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_stream(self._stream)
-            for value in batch.values():
+            for value in [*batch.values(), *batch["metadata"].values()]:
                 if torch.is_tensor(value):
                     value.record_stream(current)
         return batch
@@ -378,6 +400,12 @@ def make_loader(
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _moved(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors (and those of its metadata dict) copied to `device` without blocking."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else _moved(v, device) if isinstance(v, dict)
+                else v) for k, v in batch.items()}  # fmt: skip
+
+
 def _patch_size(size: int | tuple[int, int, int]) -> tuple[int, int, int]:
     sizes = (size,) * 3 if isinstance(size, int) else tuple(size)
     if len(sizes) != 3 or any(int(s) != s or s < 1 for s in sizes):
@@ -405,7 +433,29 @@ def _settings_hash(rows: pd.DataFrame, meta: dict[str, Any]) -> str | None:
     return stated or (found[0] if found else None)
 
 
-def _volume_refs(rows: pd.DataFrame, store: str, base: str | None) -> list[VolumeRef]:
+def _typed_metadata(rows: pd.DataFrame, columns: tuple[str, ...]) -> tuple[dict[str, list[str] | None], list[tuple]]:
+    """The requested columns as per-row tuples of numbers, and each categorical column's categories (None:
+    continuous). Typed once here, so every worker and rank puts the same codes on its batches."""
+    absent = [c for c in columns if c not in rows]
+    if absent:
+        raise ConfigError(f"metadata: no manifest column(s) {absent}; the manifest has {sorted(rows.columns)}")
+    categories: dict[str, list[str] | None] = {}
+    typed = []
+    for column in columns:
+        raw = rows[column].where(rows[column].astype(str).str.strip() != "")  # an empty CSV cell is missing
+        numbers = pd.to_numeric(raw, errors="coerce")
+        if numbers.notna().sum() == raw.notna().sum():  # every present value is a number
+            categories[column] = None
+            typed.append(numbers.astype("float64").to_numpy())
+        else:
+            names = sorted({str(v) for v in raw.dropna()})
+            categories[column] = names
+            codes = {name: i for i, name in enumerate(names)}
+            typed.append(np.array([-1 if pd.isna(v) else codes[str(v)] for v in raw], dtype=np.int64))
+    return categories, [tuple(v.item() for v in row) for row in zip(*typed, strict=True)] if typed else []
+
+
+def _volume_refs(rows: pd.DataFrame, store: str, base: str | None, metadata: list[tuple]) -> list[VolumeRef]:
     needed = ["id", "shape", *(("zarr_store",) if store == "zarr" else ("wds_shard", "wds_key"))]
     absent = [c for c in needed if c not in rows]
     if absent:
@@ -419,7 +469,7 @@ def _volume_refs(rows: pd.DataFrame, store: str, base: str | None) -> list[Volum
         raise ConfigError(f"{int(where.isna().sum())} volume(s), e.g. {first}, have no {store} store in the manifest")
     volumes = []
     urls: dict[str, str] = {}  # one string per store or shard, shared by its volumes' refs
-    for row in rows.sort_values("id", kind="stable").itertuples(index=False):
+    for i, row in enumerate(rows.itertuples(index=False)):
         where = row.zarr_store if store == "zarr" else row.wds_shard
         if where not in urls:
             urls[where] = _resolve(base, where)
@@ -431,6 +481,7 @@ def _volume_refs(rows: pd.DataFrame, store: str, base: str | None) -> list[Volum
                 zarr_root=url if store == "zarr" else None,
                 shard=url if store == "wds" else None,
                 key=row.wds_key if store == "wds" else None,
+                metadata=metadata[i] if metadata else (),
             )
         )
     return volumes

@@ -40,7 +40,7 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 _FOREGROUND_TRIES = 64  # uniform candidate voxels drawn before falling back to listing the anatomy
 # Last entropy word of a worker's generators, so the streams differ (numpy pads short seeds with zeros,
 # so a bare trailing index could collide with a shorter seed).
-CROP_STREAM, SHUFFLE_STREAM = 1, 2
+CROP_STREAM, SHUFFLE_STREAM, BALANCE_STREAM = 1, 2, 3
 MASK_BITS = {"anatomy": 0, "deface": 1, "valid": 2}  # bits of a batch's "masks" code
 
 
@@ -57,6 +57,7 @@ class VolumeRef:
     zarr_root: str | None  # URL of the Zarr store that holds the volume
     shard: str | None  # URL of the tar shard that holds the sample
     key: str | None  # the sample's key inside the shard
+    metadata: tuple[float | int, ...] = ()  # the requested manifest columns, typed (see PatchDataset)
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -77,6 +78,17 @@ def shuffled(volumes: Iterable[VolumeRef], *, seed: int, epoch: int, by_shard: b
     groups = list(shards.values())
     for i in rng.permutation(len(groups)):
         yield from groups[i]
+
+
+def balanced(volumes: Sequence[VolumeRef], *, weights: np.ndarray, seed: int, epoch: int) -> list[VolumeRef]:
+    """The epoch's volumes drawn with replacement by `weights` (manifest.balance_weights): as many as there are.
+
+    Drawn from (seed, epoch) alone, so every rank draws the same list and a resumed epoch the same again;
+    returned in the volumes' own order (ids), for `shuffled` to order the epoch as usual.
+    """
+    rng = np.random.default_rng([seed, epoch, BALANCE_STREAM])
+    drawn = np.sort(rng.choice(len(volumes), size=len(volumes), replace=True, p=weights))
+    return [volumes[i] for i in drawn]
 
 
 def wrap_to_multiple(volumes: Iterable[VolumeRef], *, multiple: int) -> Iterator[VolumeRef]:
@@ -339,10 +351,10 @@ def crop_volumes(
     epoch: int,
     rank: int,
     worker: int,
-) -> Iterator[tuple[str, Volume, np.ndarray]]:
+) -> Iterator[tuple[VolumeRef, Volume, np.ndarray, bool]]:
     """Place `crops_per_volume` patches in each volume read (a read costs ~all of a 160^3 patch's time).
 
-    Yields (volume id, volume, origin, replaced); the voxels are copied once, by `batches`; `replaced` marks
+    Yields (ref, volume, origin, replaced); the voxels are copied once, by `batches`; `replaced` marks
     the first crop of a slot whose own volume could not be read (it counts the skip once). Each crop is uniform
     over all positions, or, with probability `foreground_bias`, centred on a uniformly drawn anatomy
     voxel. The generator for a volume is seeded by its slot, so a resumed run that skips slots without
@@ -351,7 +363,7 @@ def crop_volumes(
     for position, ref, volume, replaced in loaded:
         rng = np.random.default_rng([seed, epoch, rank, worker, position, CROP_STREAM])
         for crop in range(crops_per_volume):
-            yield ref.id, volume, crop_origin(volume.code, patch_size, foreground_bias, rng), replaced and crop == 0
+            yield ref, volume, crop_origin(volume.code, patch_size, foreground_bias, rng), replaced and crop == 0
 
 
 def fixed_crops(
@@ -359,17 +371,17 @@ def fixed_crops(
     *,
     patch_size: tuple[int, int, int],
     fractions: Sequence[tuple[float, float, float]],
-) -> Iterator[tuple[str, Volume, np.ndarray]]:
+) -> Iterator[tuple[VolumeRef, Volume, np.ndarray, bool]]:
     """The same crops of every volume, for evaluation: one per fraction of the free range along each axis.
 
     (0.5, 0.5, 0.5) is the centre crop; a volume smaller than the patch gets it centred and padded.
-    Yields (volume id, volume, origin, False) as `crop_volumes` does, so `batches` copies the voxels.
+    Yields (ref, volume, origin, False) as `crop_volumes` does, so `batches` copies the voxels.
     """
     size = np.array(patch_size)
     for ref, volume in loaded:
         free = np.array(volume.image.shape) - size
         for fraction in fractions:
-            yield ref.id, volume, np.rint(np.asarray(fraction) * free).astype(np.int64), False
+            yield ref, volume, np.rint(np.asarray(fraction) * free).astype(np.int64), False
 
 
 def crop_origin(
@@ -403,14 +415,19 @@ def _anatomy_voxel(code: np.ndarray, rng: np.random.Generator) -> np.ndarray | N
 
 
 def batches(
-    crops: Iterable[tuple[str, Volume, np.ndarray, bool]], *, batch_size: int, patch_size: tuple[int, int, int]
+    crops: Iterable[tuple[VolumeRef, Volume, np.ndarray, bool]],
+    *,
+    batch_size: int,
+    patch_size: tuple[int, int, int],
+    metadata: Sequence[tuple[str, torch.dtype]] = (),
 ) -> Iterator[dict[str, Any]]:
     """Copy each group of `batch_size` crops straight into batch tensors (the last group may be smaller).
 
-    A batch is {"image", "masks", "origin", "id", "skipped"}: "skipped" counts the volumes whose read failed
-    and whose slots hold another volume's crops (on_error="skip"); the three masks travel as one uint8 code (bit 0
-    anatomy, bit 1 deface, bit 2 valid; `unpack_masks` splits it, on the device), 12 instead of 20 MB per
-    160^3 patch. In a DataLoader worker the tensors live in shared memory from the start, as torch's
+    A batch is {"image", "masks", "origin", "id", "skipped", "metadata"}: "skipped" counts the volumes whose read
+    failed and whose slots hold another volume's crops (on_error="skip"); "metadata" maps each (column, dtype) of
+    `metadata` to a (B,) tensor of the crops' `VolumeRef.metadata` values. The three masks travel as one uint8
+    code (bit 0 anatomy, bit 1 deface, bit 2 valid; `unpack_masks` splits it, on the device), 12 instead of 20 MB
+    per 160^3 patch. In a DataLoader worker the tensors live in shared memory from the start, as torch's
     default_collate does, so every voxel is written once on its way to the main process; fresh shared
     pages cost more to fault in than the copy itself, so fewer bytes is most of the CPU saved.
     """
@@ -431,8 +448,12 @@ def batches(
             "image": image,
             "masks": masks,
             "origin": torch.from_numpy(np.stack([origin for _, _, origin, _ in group]).astype(np.int64)),
-            "id": [volume_id for volume_id, _, _, _ in group],
+            "id": [ref.id for ref, *_ in group],
             "skipped": sum(replaced for *_, replaced in group),
+            "metadata": {
+                name: torch.tensor([ref.metadata[j] for ref, *_ in group], dtype=dtype)
+                for j, (name, dtype) in enumerate(metadata)
+            },  # fmt: skip
         }
 
 

@@ -272,6 +272,38 @@ def stats(df: pd.DataFrame) -> Stats:
     return Stats(len(df), table("modality"), table("dataset"), quality, ages)
 
 
+def balance_groups(df: pd.DataFrame, columns: str | tuple[str, ...] | list[str]) -> np.ndarray:
+    """Each row's group (int, 0..G-1): the rows that share its values in `columns` (a missing value is a value)."""
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    absent = [c for c in columns if c not in df]
+    if not columns or absent:
+        raise ConfigError(f"balance_by: no manifest column(s) {absent or columns}; the manifest has "
+                          f"{sorted(df.columns)}")  # fmt: skip
+    return df.groupby(columns, dropna=False, sort=True).ngroup().to_numpy()
+
+
+def balance_weights(df: pd.DataFrame, columns: str | tuple[str, ...] | list[str]) -> np.ndarray:
+    """A draw probability per row, inversely proportional to its group's size: every group is drawn equally often.
+
+    OpenMind's 800 datasets differ by orders of magnitude in size, so uniform draws mostly see the largest few.
+    """
+    groups = balance_groups(df, columns)
+    sizes = np.bincount(groups)
+    return 1.0 / (sizes[groups] * len(sizes))
+
+
+def balance_table(df: pd.DataFrame, columns: str | tuple[str, ...] | list[str]) -> pd.DataFrame:
+    """Per group of `columns`: volumes, its share of uniform draws, its share of balanced draws, and how often
+    a balanced epoch (as many draws as volumes, with replacement) reads each of its volumes on average."""
+    weights = balance_weights(df, columns)
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    table = (df.assign(_weight=weights).groupby(columns, dropna=False, sort=True)
+             .agg(volumes=("_weight", "size"), balanced=("_weight", "sum")))  # fmt: skip
+    table.insert(1, "uniform", table["volumes"] / len(df))
+    table["reads_per_volume"] = table["balanced"] * len(df) / table["volumes"]
+    return table.sort_values(["volumes"], ascending=False, kind="stable")
+
+
 def plot_stats(summary: Stats, path: str | Path, title: str = "manifest") -> None:
     """A 2x2 PNG: volumes per modality, per dataset (the 20 largest), quality distribution, age histogram."""
     from matplotlib import colormaps  # only `stats --plot` pays for matplotlib

@@ -37,8 +37,9 @@ def test_cuda_augmentation_warps_as_the_cpu_does_for_the_same_parameters() -> No
 
 
 def _trainable(objective: str):
+    options = {"mae": {"block_size": 8}, "voco": {"hidden_dim": 64, "out_dim": 64}}[objective]
     stage = StageConfig(name=objective, objective=objective, manifest="unused", patch_size=48, out_size=32,
-                        block_size=8, voco_head_dim=64)  # fmt: skip
+                        options=options)  # fmt: skip
     torch.manual_seed(0)
     return build_trainable("resenc_tiny", stage, torch.device("cuda"), world=1, schedule_steps=100), stage
 

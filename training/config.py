@@ -1,7 +1,9 @@
 """Run and stage settings, read from a TOML recipe and `--key=value` overrides.
 
 A recipe is `[run]` plus one `[[stages]]` table per stage (VoCo, then MAE); each stage names its data
-as a manifest query (manifest + preset/min_quality). Overrides address `run.KEY` or `stages.NAME.KEY`.
+as a manifest query (manifest + preset/min_quality) and its objective, whose own settings sit in the stage's
+`options` table (training.objectives). Overrides address `run.KEY`, `stages.NAME.KEY` or
+`stages.NAME.options.KEY` / `stages.NAME.augment.KEY`.
 An unknown key or a value of the wrong type is an error naming it, raised before any work starts.
 """
 
@@ -21,7 +23,7 @@ from openmind_tools.errors import ConfigError
 @dataclass(frozen=True)
 class StageConfig:
     name: str
-    objective: str  # "voco" | "mae"
+    objective: str  # a name in training.objectives.OBJECTIVES: "voco", "mae", "simclr", "yaware"
     manifest: str  # a manifest path/URL, or a query such as "mae8 of out/manifest.parquet"
     preset: str | None = None  # a named selection in manifests/ (mae8, all, ...)
     min_quality: int | None = None  # image_quality_score <= this (1 best .. 5 worst)
@@ -42,35 +44,36 @@ class StageConfig:
     warmup_steps: int = 0
     grad_clip: float = 12.0  # nnU-Net's clip norm
     init_from: str | None = None  # name of an earlier stage whose encoder weights start this one
-    voco_momentum: float = 0.9  # EMA teacher momentum (VoCo v2)
-    voco_head_dim: int = 2048
-    mask_ratio: float = 0.75  # MAE: share of cubic blocks zeroed
-    block_size: int = 16  # MAE: block edge in voxels
+    balance_by: str | list[str] | None = None  # manifest column(s): draw volumes inversely to their group's size
+    options: dict[str, Any] = field(default_factory=dict)  # the objective's own table (training.objectives)
     augment: dict[str, Any] = field(default_factory=dict)  # openmind_tools.augment.AugmentSettings overrides
 
     def __post_init__(self) -> None:
         where = f"stages.{self.name}"
-        _in_range(where, self, epochs=(1, None), max_steps=(0, None), batch_size=(1, None), patch_size=(1, None),
+        check_ranges(where, self, epochs=(1, None), max_steps=(0, None), batch_size=(1, None), patch_size=(1, None),
                   out_size=(1, None), crops_per_volume=(1, None), num_workers=(0, None), lr=(0, None, "open"),
                   weight_decay=(0, None), warmup_steps=(0, None), grad_clip=(0, None, "open"),
-                  foreground_bias=(0, 1), voco_momentum=(0, 1, "right-open"), voco_head_dim=(1, None),
-                  mask_ratio=(0, 1, "open"), block_size=(1, None), max_skipped=(0, 1))  # fmt: skip
+                  foreground_bias=(0, 1), max_skipped=(0, 1))  # fmt: skip
         for key, allowed in (("store", ("zarr", "wds")), ("on_error", ("raise", "skip"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{where}.{key}: expected one of {allowed}, got {getattr(self, key)!r}")
         AugmentSettings.from_dict({"out_size": self.out_size, **self.augment})  # names a misspelt key
-        if self.objective not in ("voco", "mae"):
-            raise ConfigError(f"stages.{self.name}.objective: expected 'voco' or 'mae', got {self.objective!r}")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"stages.{self.name}.optimizer: expected 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.out_size > self.patch_size:
             raise ConfigError(f"stages.{self.name}: out_size {self.out_size} exceeds patch_size {self.patch_size}")
-        if self.objective == "mae" and self.out_size % self.block_size:
-            raise ConfigError(
-                f"stages.{self.name}: out_size {self.out_size} is not a multiple of block_size {self.block_size}"
-            )
-        if self.objective == "voco" and self.out_size % 2:
-            raise ConfigError(f"stages.{self.name}: out_size {self.out_size} must be even (2x2x2 base crops)")
+        columns = [self.balance_by] if isinstance(self.balance_by, str) else self.balance_by
+        if columns is not None and (not columns or not all(isinstance(c, str) and c for c in columns)):
+            raise ConfigError(f"stages.{self.name}.balance_by: expected a column name or a list of them, "
+                              f"got {self.balance_by!r}")  # fmt: skip
+        from training.objectives import objective_options  # here: the objectives import this module
+
+        objective_options(self)
+
+    @property
+    def balance_columns(self) -> tuple[str, ...]:
+        """balance_by as a tuple (empty: uniform sampling)."""
+        return (self.balance_by,) if isinstance(self.balance_by, str) else tuple(self.balance_by or ())
 
 
 @dataclass(frozen=True)
@@ -93,10 +96,13 @@ class RunConfig:
             raise ConfigError(f"run.model: expected one of {sorted(PRESETS)}, got {self.model!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"run.device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        _in_range("run", self, log_every=(1, None), checkpoint_every=(1, None))
+        check_ranges("run", self, log_every=(1, None), checkpoint_every=(1, None))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_TABLES = ("options", "augment")  # stage keys that hold a table of their own
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -122,19 +128,25 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             run[parts[1]] = _parse(value)
         elif parts[0] == "stages" and len(parts) == 3 and parts[1] in stages:
             stages[parts[1]][parts[2]] = _parse(value)
+        elif parts[0] == "stages" and len(parts) == 4 and parts[1] in stages and parts[2] in _TABLES:
+            table = stages[parts[1]].setdefault(parts[2], {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"override {item!r}: stages.{parts[1]}.{parts[2]} is not a table")
+            table[parts[3]] = _parse(value)
         else:
-            raise ConfigError(f"override {item!r}: expected run.KEY or stages.NAME.KEY with NAME in {list(stages)}")
-    built = tuple(_build(StageConfig, s, f"stages.{name}") for name, s in stages.items())
+            raise ConfigError(f"override {item!r}: expected run.KEY, stages.NAME.KEY or stages.NAME.TABLE.KEY with "
+                              f"NAME in {list(stages)} and TABLE in {list(_TABLES)}")  # fmt: skip
+    built = tuple(build_dataclass(StageConfig, s, f"stages.{name}") for name, s in stages.items())
     if not built:
         raise ConfigError(f"{path}: no [[stages]]")
     names = [s.name for s in built]
     for i, stage in enumerate(built):
         if stage.init_from is not None and stage.init_from not in names[:i]:
             raise ConfigError(f"stages.{stage.name}.init_from: {stage.init_from!r} is not an earlier stage {names[:i]}")
-    return _build(RunConfig, {**run, "stages": built}, "run")
+    return build_dataclass(RunConfig, {**run, "stages": built}, "run")
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = set(values) - set(known)
     if unknown:
@@ -149,7 +161,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**{k: (float(v) if hints[k] is float and isinstance(v, int) else v) for k, v in values.items()})
 
 
-def _in_range(where: str, config: Any, **bounds: tuple) -> None:
+def check_ranges(where: str, config: Any, **bounds: tuple) -> None:
     """Each named field within (low, high[, "open" | "right-open"]); None is unbounded; unset (None) fields pass."""
     for key, (low, high, *kind) in bounds.items():
         value = getattr(config, key)

@@ -16,12 +16,32 @@ Trainer interface (shared with `training.voco.VoCoLoss`):
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
 from openmind_tools.errors import ConfigError
+from training.config import check_ranges
+
+
+@dataclass(frozen=True)
+class MAEOptions:
+    """An MAE stage's `options` table: MAELoss's keyword arguments, checked when the recipe loads."""
+
+    mask_ratio: float = 0.75  # share of cubic blocks zeroed
+    block_size: int = 16  # block edge in voxels
+
+    metadata: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        check_ranges("options", self, mask_ratio=(0, 1, "open"), block_size=(1, None))
+
+    def check_size(self, out_size: int) -> None:
+        if out_size % self.block_size:
+            raise ConfigError(f"out_size {out_size} is not a multiple of options.block_size {self.block_size}")
 
 
 def block_mask(
@@ -54,6 +74,8 @@ def block_mask(
 
 class MAELoss(nn.Module):
     """Masked-block reconstruction MSE; see the module docstring for the call shape."""
+
+    views = 1  # augmented views of each patch it takes (training.objectives.Objective)
 
     def __init__(self, net: ResidualEncoderUNet, mask_ratio: float = 0.75, block_size: int = 16) -> None:
         super().__init__()

@@ -117,6 +117,32 @@ def encoder_features(encoder: ResidualEncoder, x: torch.Tensor) -> torch.Tensor:
     return encoder(x)[-1]
 
 
+class PooledProjection(nn.Module):
+    """Global-average-pooled encoder bottleneck -> an MLP projection head: what the embedding objectives train.
+
+    `widths` are the output widths of the head's linear layers; between two layers sit BatchNorm1d (no affine,
+    no running stats) and ReLU, as in VoCo's 3-layer head and SimCLR v2's. BatchNorm over the rows of a batch
+    removes the component all embeddings share: with a per-embedding norm instead (LayerNorm, or nnssl's
+    InstanceNorm1d on (N, C), which acts the same), SGD + VoCo's EMA teacher collapsed every embedding onto one
+    direction in our CPU runs; with BatchNorm it did not.
+    """
+
+    def __init__(self, encoder: ResidualEncoder, widths: Sequence[int]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        layers: list[nn.Module] = []
+        width = encoder.output_channels[-1]
+        for i, out in enumerate(widths):
+            if i:
+                layers += [nn.BatchNorm1d(width, affine=False, track_running_stats=False), nn.ReLU(inplace=True)]
+            layers.append(nn.Linear(width, out))
+            width = out
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(encoder_features(self.encoder, x).mean(dim=(2, 3, 4)))
+
+
 def nnssl_pretrain_plan(
     patch_size: Sequence[int],
     spacing: Sequence[float] = (1.0, 1.0, 1.0),

@@ -1,9 +1,9 @@
-"""The training loop: VoCo then MAE on ResEnc, from the stores, under torchrun. Read top to bottom.
+"""The training loop: VoCo then MAE (or SimCLR, y-aware) on ResEnc, from the stores, under torchrun.
 
 config -> distributed init (torchrun env; nccl on GPU, gloo on CPU) -> per stage: model, objective,
-optimizer, schedule, loader, GPU augmentation -> resume -> loop -> checkpoint, export, loss plot.
-VoCo and MAE are two loss modules with one call shape (training.voco / training.mae), so one loop runs
-both. A checkpoint holds model, optimizer, scheduler, augmentation and loader state, step and RNGs, and
+optimizer, schedule, loader, GPU augmentation -> resume -> loop -> checkpoint, export, loss plot. Read top
+to bottom. Every objective is a loss module with one call shape (training.objectives), so one loop runs
+them all. A checkpoint holds model, optimizer, scheduler, augmentation and loader state, step and RNGs, and
 is written atomically; `resume=True` continues as if the run had never stopped.
 """
 
@@ -35,9 +35,8 @@ from openmind_tools.files import atomic_write, atomic_write_text
 from openmind_tools.loader import PatchDataset, make_loader
 from openmind_tools.manifest import EmptyResultWarning, resolve_manifest, write_manifest
 from training.config import RunConfig, StageConfig
-from training.mae import MAELoss
 from training.model import PRESETS, export_encoder, nnssl_pretrain_plan
-from training.voco import VoCoLoss
+from training.objectives import build_objective, objective_options
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -161,6 +160,8 @@ def _run_stage(
         foreground_bias=stage.foreground_bias,
         seed=cfg.seed + index,
         on_error=stage.on_error,
+        metadata=objective_options(stage).metadata,
+        balance_by=stage.balance_columns,
     )
     loader = make_loader(dataset, stage.batch_size, num_workers=stage.num_workers, device=device)
     schedule_steps = stage.epochs * len(loader)  # max_steps stops early without changing the schedule
@@ -234,7 +235,7 @@ def _run_stage(
 @dataclass(frozen=True)
 class Trainable:
     net: nn.Module  # the plain ResEnc U-Net: what is saved and exported
-    objective: nn.Module  # VoCoLoss or MAELoss owning `net` (and VoCo's head and teacher)
+    objective: nn.Module  # the stage's loss module (training.objectives) owning `net` or its encoder
     model: nn.Module  # the objective as called: DDP- and/or compile-wrapped
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -258,11 +259,7 @@ def build_trainable(
         start = torch.load(init, map_location="cpu", weights_only=True)
         encoder = {k.removeprefix("encoder."): v for k, v in start.items() if k.startswith("encoder.")}
         net.encoder.load_state_dict(encoder, strict=True)
-    if stage.objective == "voco":
-        objective = VoCoLoss(net, momentum=stage.voco_momentum, hidden_dim=stage.voco_head_dim,
-                             out_dim=stage.voco_head_dim)  # fmt: skip
-    else:
-        objective = MAELoss(net, mask_ratio=stage.mask_ratio, block_size=stage.block_size)
+    objective = build_objective(stage, net)
     objective.to(device)
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     objective.to(memory_format=memory_format)  # conv weights; train_step converts the inputs alike
@@ -285,11 +282,12 @@ def train_step(
     autocast: contextlib.AbstractContextManager,
     grad_clip: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Augment on the device, forward under autocast, clip, step; no host sync (the loss stays a tensor)."""
-    view = augment(batch["image"], masks=(batch["anatomy"], batch["deface"]))
-    image = view.image.float().contiguous(memory_format=t.memory_format)
-    inputs = {"image": image, "target": view.target.float(), "anatomy": view.masks[0],
-              "deface": view.masks[1]}  # fmt: skip
+    """Augment on the device (each view its own draws), forward under autocast, clip, step; no host sync."""
+    views = [augment(batch["image"], masks=(batch["anatomy"], batch["deface"])) for _ in range(t.objective.views)]
+    images = [view.image.float().contiguous(memory_format=t.memory_format) for view in views]
+    first = views[0]
+    inputs = {"image": images[0], "target": first.target.float(), "anatomy": first.masks[0],
+              "deface": first.masks[1], "views": images, "metadata": batch.get("metadata", {})}  # fmt: skip
     with autocast:
         loss, logs = t.model(inputs, generator)
     loss.backward()

@@ -7,7 +7,7 @@ the teacher's base-crop embeddings. Loss = nnssl's `VoCoLoss`: overlap-weighted 
 pairs + mean p^2 on the others, plus the mean ReLU(cos) between the student's base-crop embeddings (paper eq. 5).
 The teacher is an EMA copy of encoder + head (VoCo v2 `voco_head.py`, momentum 0.9): without a slowly-moving
 target VoCo is reported not to learn on OpenMind with nnssl's settings. Embedding = global average pool of the
-encoder bottleneck -> VoCo's 3-layer projection head, which keeps VoCo's BatchNorm1d (see `_Embedder`).
+encoder bottleneck -> VoCo's 3-layer projection head, which keeps VoCo's BatchNorm1d (`PooledProjection`).
 
 Trainer interface (shared with `training.mae.MAELoss`):
     objective = VoCoLoss(net, ...)               # owns net.encoder, the projection head and the frozen teacher
@@ -22,15 +22,36 @@ teacher resume too. `generator` is a CPU `torch.Generator`: crop positions becom
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
-from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 from torch import nn
 
 from openmind_tools.errors import ConfigError
-from training.model import encoder_features
+from training.config import check_ranges
+from training.model import PooledProjection
+
+
+@dataclass(frozen=True)
+class VoCoOptions:
+    """A VoCo stage's `options` table: VoCoLoss's keyword arguments, checked when the recipe loads."""
+
+    momentum: float = 0.9  # EMA teacher momentum (VoCo v2)
+    hidden_dim: int = 2048  # projection head widths of VoCo and nnssl
+    out_dim: int = 2048
+    num_random: int = 4  # random crops per region (VoCo, nnssl)
+
+    metadata: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        check_ranges("options", self, momentum=(0, 1, "right-open"), hidden_dim=(1, None), out_dim=(1, None),
+                     num_random=(1, None))  # fmt: skip
+
+    def check_size(self, out_size: int) -> None:
+        if out_size % 2:
+            raise ConfigError(f"out_size {out_size} must be even (2x2x2 base crops)")
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,8 @@ def extract_crops(images: torch.Tensor, starts: torch.Tensor, crop_size: Sequenc
 class VoCoLoss(nn.Module):
     """Overlap-supervised crop similarity with an EMA teacher; see the module docstring for the call shape."""
 
+    views = 1  # augmented views of each patch it takes (training.objectives.Objective)
+
     def __init__(
         self,
         net: ResidualEncoderUNet,
@@ -107,7 +130,7 @@ class VoCoLoss(nn.Module):
         self.momentum = momentum
         self.pred_weight = pred_weight
         self.reg_weight = reg_weight
-        self.student = _Embedder(net.encoder, hidden_dim, out_dim)
+        self.student = PooledProjection(net.encoder, (hidden_dim, hidden_dim, out_dim))
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
 
     def forward(
@@ -147,31 +170,6 @@ class VoCoLoss(nn.Module):
     def after_step(self) -> None:
         """Call after each optimizer step: moves the teacher toward the student by the configured momentum."""
         self.ema_update(self.momentum)
-
-
-class _Embedder(nn.Module):
-    """Global-average-pooled encoder bottleneck -> VoCo's 3-layer projection MLP, with VoCo's BatchNorm1d.
-
-    BatchNorm over the crops of a batch removes the component all embeddings share. With a per-embedding norm
-    instead (LayerNorm, or nnssl's InstanceNorm1d on (N, C), which acts the same), SGD + the EMA teacher collapsed
-    every embedding onto one direction in our CPU runs (notes/training_objectives.md); with BatchNorm it did not.
-    """
-
-    def __init__(self, encoder: ResidualEncoder, hidden_dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Sequential(
-            nn.Linear(encoder.output_channels[-1], hidden_dim),
-            nn.BatchNorm1d(hidden_dim, affine=False, track_running_stats=False),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.BatchNorm1d(hidden_dim, affine=False, track_running_stats=False),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim),
-        )
-
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        return self.head(encoder_features(self.encoder, crops).mean(dim=(2, 3, 4)))
 
 
 def _relu_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

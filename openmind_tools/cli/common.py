@@ -65,6 +65,14 @@ def byte_size(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected auto or a size such as 6GiB, got {text!r}")
 
 
+def column_list(text: str) -> tuple[str, ...]:
+    """Comma-separated column names, none empty."""
+    columns = tuple(c.strip() for c in text.split(","))
+    if not all(columns):
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names, got {text!r}")
+    return columns
+
+
 def existing_parent(text: str) -> str:
     """An output path whose folder exists (a typo must not silently create a tree elsewhere)."""
     parent = os.path.dirname(os.path.abspath(text))

@@ -1,6 +1,6 @@
 """`openmind-manifest`: look at a manifest and cut sub-manifests out of it (a thin shell over openmind_tools.manifest).
 
-    openmind-manifest stats MANIFEST [--plot stats.png]
+    openmind-manifest stats MANIFEST [--plot stats.png] [--balance-by dataset,modality]
     openmind-manifest query MANIFEST [--preset mae8] [--modality T1w,FLAIR] [--min-quality 3] [--dataset ds000101]
                                      [--where "age >= 18 and sex == 'F'"] [-o out.parquet | --format csv|jsonl]
     openmind-manifest show MANIFEST ID
@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from openmind_tools.cli.common import EXIT_OK, existing_parent, non_negative_int, run_command
+from openmind_tools.cli.common import EXIT_OK, column_list, existing_parent, non_negative_int, run_command
 from openmind_tools.errors import ConfigError
 from openmind_tools.manifest import (
     FORMATS,
     QUALITY,
     EmptyResultWarning,
     Filters,
+    balance_table,
     list_presets,
     load_preset,
     output_format,
@@ -60,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     s = commands.add_parser("stats", help="volumes and bytes per modality and dataset, quality and age histograms")
     s.add_argument("manifest", help=_SOURCE_HELP)
     s.add_argument("--plot", metavar="PNG", help="also draw the summary as a figure into this PNG file")
+    s.add_argument(
+        "--balance-by",
+        type=column_list,
+        metavar="COLUMNS",
+        help="comma-separated columns (e.g. dataset or dataset,modality): each group's share of an epoch's draws "
+        "with uniform sampling and with a stage's balance_by (inverse group size), and the reads per volume",
+    )
     s.set_defaults(run=_stats)
 
     q = commands.add_parser(
@@ -114,6 +122,15 @@ def _stats(args: argparse.Namespace) -> int:
     df, _ = resolve_manifest(args.manifest)
     summary = stats(df)
     print(summary)
+    if args.balance_by:
+        table = balance_table(df, args.balance_by)
+        shown = table.head(_SHOWN_ROWS)
+        print(f"\nbalance_by {','.join(args.balance_by)}: {len(table)} groups, each {1 / len(table):.2%} of a "
+              "balanced epoch's draws")  # fmt: skip
+        print(shown.to_string(formatters={"uniform": "{:.2%}".format, "balanced": "{:.2%}".format,
+                                          "reads_per_volume": "{:.2f}".format}))  # fmt: skip
+        if len(table) > len(shown):
+            print(f"... and {len(table) - len(shown)} more groups")
     if args.plot:
         plot_stats(summary, args.plot, title=args.manifest)
         print(f"figure: {args.plot}")

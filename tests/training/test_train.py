@@ -105,8 +105,8 @@ def test_the_demo_recipe_learns_visibly_and_its_run_folder_probes(demo_out: Path
 def test_bad_config_fails_before_any_work(demo_out: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(_args(demo_out, tmp_path / "r", "--stages.voco.epochz=3")) == 2
     assert "unknown key(s) ['epochz']" in capsys.readouterr().err
-    assert main(_args(demo_out, tmp_path / "r", "--stages.mae.block_size=5")) == 2
-    assert "not a multiple of block_size" in capsys.readouterr().err
+    assert main(_args(demo_out, tmp_path / "r", "--stages.mae.options.block_size=5")) == 2
+    assert "stages.mae.out_size 48 is not a multiple of options.block_size 5" in capsys.readouterr().err
     empty = json.dumps(f"modality=SWI of {demo_out / 'manifest.parquet'}")  # SWI: an OpenMind modality, absent here
     assert main([*_args(demo_out, tmp_path / "r"), f"--stages.mae.manifest={empty}"]) == 2
     err = capsys.readouterr().err
