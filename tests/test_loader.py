@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -35,6 +36,7 @@ from openmind_tools.loader_stages import (
     split_by_worker,
     wrap_to_multiple,
 )
+from openmind_tools.manifest import balance_weights
 from openmind_tools.volume import Volume
 
 STORES = ["zarr", "wds"]
@@ -401,3 +403,86 @@ def test_a_fifo_in_place_of_a_stored_object_is_a_store_error_not_a_hang(store16:
     os.mkfifo(path)
     with pytest.raises(StoreError, match="not a regular file \\(a FIFO\\)"):
         run_epoch(make_loader(PatchDataset(copy / "manifest.parquet", PATCH, store=store), batch_size=4))
+
+
+# ---------------------------------------------------------------------------------------------- metadata, balance
+def _with_columns(store16: Path, name: str) -> tuple[Path, pd.DataFrame]:
+    rows = pd.read_parquet(store16 / "manifest.parquet").sort_values("id")
+    change = {
+        "age": [float("nan") if i % 5 == 0 else 20.0 + i for i in range(len(rows))],
+        "sex": [None if i % 7 == 3 else "FM"[i % 2] for i in range(len(rows))],
+        "dataset": ["big"] * 12 + ["mid"] * 3 + ["small"],  # one dataset of 12 volumes, one of 3, one of 1
+    }
+    path = rewrite_manifest(store16 / "manifest.parquet", store16 / name, change)
+    return path, pd.read_parquet(path).set_index("id")
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_batches_carry_the_requested_manifest_columns_typed(store16: Path, store: str) -> None:
+    manifest, rows = _with_columns(store16, "with_columns.parquet")
+    dataset = PatchDataset(manifest, PATCH, store=store, metadata=["age", "sex"], crops_per_volume=2)
+    assert dataset.categories == {"age": None, "sex": ["F", "M"]}
+    seen = 0
+    for batch in make_loader(dataset, batch_size=3):
+        age, sex = batch["metadata"]["age"], batch["metadata"]["sex"]
+        assert age.dtype == torch.float32 and sex.dtype == torch.int64 and len(age) == len(batch["id"])
+        for i, volume_id in enumerate(batch["id"]):
+            want = rows.loc[volume_id]
+            assert (math.isnan(age[i]) and pd.isna(want["age"])) or age[i].item() == want["age"]
+            assert sex[i].item() == (-1 if pd.isna(want["sex"]) else ["F", "M"].index(want["sex"]))
+            seen += 1
+    assert seen == 32
+    with pytest.raises(ConfigError, match=r"no manifest column\(s\) \['weight'\]"):
+        PatchDataset(manifest, PATCH, metadata=["weight"])
+
+
+def test_balanced_draws_give_each_group_an_equal_share_over_many_epochs(store16: Path) -> None:
+    _, rows = _with_columns(store16, "unbalanced.parquet")
+    rows = rows.reset_index().sort_values("id")
+    refs = [VolumeRef(i, (1, 1, 1), None, None, None) for i in rows["id"]]
+    group = dict(zip(rows["id"], rows["dataset"], strict=True))
+    weights = balance_weights(rows, "dataset")
+    counts: Counter = Counter()
+    for epoch in range(400):
+        drawn = loader_stages.balanced(refs, weights=weights, seed=5, epoch=epoch)
+        assert len(drawn) == len(refs)
+        counts.update(group[r.id] for r in drawn)
+    shares = {g: c / (400 * len(refs)) for g, c in counts.items()}
+    assert all(abs(share - 1 / 3) < 0.02 for share in shares.values()), shares  # uniform: 0.75 / 0.19 / 0.06
+    again = loader_stages.balanced(refs, weights=weights, seed=5, epoch=7)
+    assert again == loader_stages.balanced(refs, weights=weights, seed=5, epoch=7)
+    assert again != loader_stages.balanced(refs, weights=weights, seed=5, epoch=8)
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_balanced_epochs_split_equally_over_ranks_and_resume_mid_epoch(store16: Path, store: str) -> None:
+    manifest, rows = _with_columns(store16, "unbalanced_ranks.parquet")
+
+    def loader(rank: int, workers: int = 0):
+        dataset = PatchDataset(manifest, PATCH, store=store, seed=2, balance_by="dataset", rank=rank, world_size=2)
+        return make_loader(dataset, batch_size=2, num_workers=workers)
+
+    per_rank = [[ids_of(run_epoch(loader(rank), epoch)) for epoch in range(6)] for rank in (0, 1)]
+    small = 0
+    for epoch in range(6):
+        assert len(per_rank[0][epoch]) == len(per_rank[1][epoch]) == 8  # 16 draws per epoch, 8 per rank
+        drawn = per_rank[0][epoch] + per_rank[1][epoch]
+        assert len(set(drawn)) < 16  # with replacement: some volumes twice, others not at all
+        small += sum(rows.loc[i, "dataset"] == "small" for i in drawn)
+    assert small >= 16  # ~1/3 of 96 draws; uniform draws would give ~6
+    reference = loader(0, workers=2)
+    expected = run_epoch(reference) + run_epoch(reference)
+    reference.close()
+    first = loader(0, workers=2)
+    for seen, _ in enumerate(first, start=1):
+        if seen == 3:
+            break
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    resumed = loader(0, workers=2)
+    resumed.load_state_dict(state)
+    assert_same_batches(run_epoch(resumed) + run_epoch(resumed), expected[3:])
+    resumed.close()
+    uniform = make_loader(PatchDataset(manifest, PATCH, store=store, seed=2, rank=0, world_size=2), batch_size=2)
+    with pytest.raises(ConfigError, match="balance_by"):
+        uniform.load_state_dict(state | {"num_workers": 0})

@@ -364,6 +364,21 @@ def test_cli_stats_prints_counts_and_draws_a_png(path: Path, rows: pd.DataFrame,
     assert (width, height) == (1540, 1100)
 
 
+def test_cli_stats_balance_by_shows_each_groups_share_before_and_after(path: Path, rows: pd.DataFrame,
+                                                                       capsys) -> None:  # fmt: skip
+    assert main(["stats", str(path), "--balance-by", "dataset,modality"]) == EXIT_OK
+    out = capsys.readouterr().out
+    groups = rows.groupby(["dataset", "modality"]).size()
+    assert f"balance_by dataset,modality: {len(groups)} groups, each {1 / len(groups):.2%}" in out
+    line = next(x for x in out.splitlines() if x.split()[:2] == ["ds000101", "T1w"])
+    volumes, uniform, balanced, reads = line.split()[2:]
+    assert int(volumes) == groups["ds000101", "T1w"]
+    assert uniform == f"{groups['ds000101', 'T1w'] / len(rows):.2%}" and balanced == f"{1 / len(groups):.2%}"
+    assert float(reads) == pytest.approx(len(rows) / len(groups) / groups["ds000101", "T1w"], abs=0.01)
+    assert main(["stats", str(path), "--balance-by", "scanner"]) == 2
+    assert "no manifest column(s) ['scanner']" in capsys.readouterr().err
+
+
 def test_cli_show_prints_every_column_and_the_store_locations(path: Path, rows: pd.DataFrame, capsys) -> None:
     assert main(["show", f"modality=T1w of {path}", T1_ID]) == EXIT_OK
     out = capsys.readouterr().out

@@ -111,10 +111,8 @@ class ContrastiveLoss(nn.Module):
                 raise ConfigError(f"options.kernel 'rbf' needs a numeric column; {self.column!r} is categorical "
                                   "(use kernel = \"exact\")")  # fmt: skip
             labels = torch.cat([value, value]).to(z.device)
-        everyone, labels, rank = _gather(z, labels)
-        anchors = rank * 2 * n + torch.arange(2 * n, device=z.device)
-        loss = contrastive_loss(everyone, labels, pairs(len(everyone), n, z.device), anchors,
-                                temperature=self.temperature, kernel=self.kernel, sigma=self.sigma)  # fmt: skip
+        loss, everyone, labels = global_batch_loss(z, labels, temperature=self.temperature, kernel=self.kernel,
+                                                   sigma=self.sigma)  # fmt: skip
         logs = collapse_monitors(everyone.detach(), n)
         if labels is not None:
             logs["yaware_missing"] = _missing(labels).float().mean()
@@ -122,6 +120,22 @@ class ContrastiveLoss(nn.Module):
 
     def after_step(self) -> None:
         """Nothing to update after an optimizer step; present so one loop runs every objective."""
+
+
+def global_batch_loss(
+    z: torch.Tensor, labels: torch.Tensor | None, *, temperature: float, kernel: str = "rbf", sigma: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """This rank's loss against every rank's rows: z (2n, E) unit rows [view 1; view 2], labels (2n,) or None.
+
+    Returns the loss over this rank's anchors and the gathered rows and labels (ranks in order). Every rank
+    must pass the same n (the loader gives every rank the same batch sizes).
+    """
+    n = len(z) // 2
+    everyone, labels, rank = _gather(z, labels)
+    anchors = rank * 2 * n + torch.arange(2 * n, device=z.device)
+    loss = contrastive_loss(everyone, labels, pairs(len(everyone), n, z.device), anchors, temperature=temperature,
+                            kernel=kernel, sigma=sigma)  # fmt: skip
+    return loss, everyone, labels
 
 
 def contrastive_loss(
@@ -141,15 +155,15 @@ def contrastive_loss(
     """
     rows = torch.arange(len(anchors), device=z.device)
     if labels is None:
-        weights = torch.zeros(len(anchors), len(z), device=z.device)
+        weights = torch.zeros(len(anchors), len(z), dtype=z.dtype, device=z.device)
     else:
-        weights = kernel_matrix(labels[anchors], labels, kernel, sigma)
+        weights = kernel_matrix(labels[anchors], labels, kernel, sigma).to(z.dtype)
         known = ~_missing(labels)
-        weights = weights * (known[anchors, None] & known[None, :])
+        weights = torch.where(known[anchors, None] & known[None, :], weights, 0.0)  # NaN * 0 would be NaN
     weights[rows, pair[anchors]] = 1.0  # the other view of the same patch is always a positive
     weights[rows, anchors] = 0.0  # never the anchor itself
     weights = weights / weights.sum(dim=1, keepdim=True)
-    logits = (z[anchors] @ z.T / temperature).float()
+    logits = z[anchors] @ z.T / temperature
     logits[rows, anchors] = float("-inf")
     log_prob = torch.log_softmax(logits, dim=1)
     return -torch.where(weights > 0, weights * log_prob, 0.0).sum(dim=1).mean()
@@ -158,8 +172,8 @@ def contrastive_loss(
 def kernel_matrix(a: torch.Tensor, b: torch.Tensor, kernel: str, sigma: float) -> torch.Tensor:
     """K(a_i, b_j) for every pair: the RBF in the values' unit, or 1 where they match (categorical codes)."""
     if kernel == "exact":
-        return (a[:, None] == b[None, :]).float()
-    return torch.exp(-(a[:, None].double() - b[None, :].double()).square() / (2 * sigma**2)).float()
+        return (a[:, None] == b[None, :]).double()
+    return torch.exp(-(a[:, None].double() - b[None, :].double()).square() / (2 * sigma**2))
 
 
 def pairs(rows: int, n: int, device: torch.device | None = None) -> torch.Tensor:
