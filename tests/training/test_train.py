@@ -102,6 +102,47 @@ def test_the_demo_recipe_learns_visibly_and_its_run_folder_probes(demo_out: Path
     assert scores["balanced_accuracy", "pretrained"] > scores["balanced_accuracy", "baseline"]
 
 
+CONTRASTIVE = RECIPE.with_name("demo_yaware.toml")
+
+
+def _contrastive_args(demo_out: Path, run: Path, *extra: str) -> list[str]:
+    m = json.dumps(str(demo_out / "manifest.parquet"))
+    return [str(CONTRASTIVE), f"--run.out={json.dumps(str(run))}", f"--stages.simclr.manifest={m}",
+            f"--stages.yaware.manifest={m}", *extra]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_yaware_demo_stage_learns_without_collapsing(demo_out: Path, tmp_path: Path) -> None:
+    run = tmp_path / "yaware"
+    args = _contrastive_args(demo_out, run, "--stages.simclr.max_steps=0")  # the y-aware stage as the recipe has it
+    subprocess.run([sys.executable, "-m", "training", *args], check=True, capture_output=True, timeout=900)
+    log = pd.read_csv(run / "yaware_log.csv")
+    loss = log["loss"].to_numpy()
+    quarter = len(loss) // 4
+    first, last = loss[:quarter], loss[-quarter:]
+    assert quarter >= 3 and first.mean() - last.mean() > max(first.std(), last.std()), loss
+    assert (log["contrast_std"] > 0.2).all() and (log["contrast_cos"] < 0.95).all(), log  # spread, not one point
+    assert 0 < log["yaware_missing"].max() < 1  # the demo's ds000202 has no ages: those rows fall back to SimCLR
+    net, _ = load_exported(run / "yaware_encoder.pt")  # the encoder it trained, ready for nnU-Net
+    trained = torch.load(run / "yaware_final.pt", weights_only=True)
+    assert all(torch.equal(v, trained[f"encoder.{k}"]) for k, v in net.encoder.state_dict().items())
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_run_the_contrastive_stages(demo_out: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
+           "training", *_contrastive_args(demo_out, run, "--stages.simclr.max_steps=2", "--stages.yaware.max_steps=2",
+                                          "--stages.simclr.num_workers=0", "--stages.yaware.num_workers=0",
+                                          "--run.log_every=1", "--stages.yaware.balance_by=\"dataset\"")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for stage in ("simclr", "yaware"):
+        log = pd.read_csv(run / f"{stage}_log.csv")
+        assert list(log["step"]) == [1, 2] and torch.isfinite(torch.tensor(log["loss"].to_numpy())).all()
+        assert (run / f"{stage}_encoder.pt").stat().st_size > 0
+
+
 def test_bad_config_fails_before_any_work(demo_out: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(_args(demo_out, tmp_path / "r", "--stages.voco.epochz=3")) == 2
     assert "unknown key(s) ['epochz']" in capsys.readouterr().err
