@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a new machine: create .venv (CPU torch unless one is already there), install the
 # project with its console scripts, then run the demo end to end (demo corpus -> convert -> query -> train ->
-# probe).
+# probe), then SimCLR and y-aware on the same store, probed alike.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -32,7 +32,10 @@ demo=${DEMO_DIR:-demo}
 m="$demo/store/manifest.parquet"
 .venv/bin/openmind-train training/configs/demo.toml --overwrite --run.out="\"$demo/run\"" \
   --stages.voco.manifest="\"$m\"" --stages.mae.manifest="\"$m\""
-for stage in voco mae; do  # did it learn anything? linear probes vs a random-init encoder and a trivial baseline
-  .venv/bin/openmind-eval probe "$demo/run/${stage}_encoder.pt" --manifest "$m" --target modality,sex,age --no-progress
+.venv/bin/openmind-train training/configs/demo_yaware.toml --overwrite --run.out="\"$demo/run_contrastive\"" \
+  --stages.simclr.manifest="\"$m\"" --stages.yaware.manifest="\"$m\""
+# did they learn anything? linear probes vs a random-init encoder and a trivial baseline
+for export in run/voco run/mae run_contrastive/simclr run_contrastive/yaware; do
+  .venv/bin/openmind-eval probe "$demo/${export}_encoder.pt" --manifest "$m" --target modality,sex,age --no-progress
 done
 echo "demo outputs are under $demo/"

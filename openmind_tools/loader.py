@@ -123,7 +123,7 @@ class PatchDataset(IterableDataset):
         self.settings_hash = _settings_hash(rows, meta)
         rows = rows.sort_values("id", kind="stable")  # the order of self.volumes
         self.metadata = tuple(metadata)
-        self.categories, values = _typed_metadata(rows, self.metadata)
+        self.categories, values = typed_metadata(rows, self.metadata)
         self.volumes = _volume_refs(rows, store, None if base is None else base.rstrip("/"), values)
         self.balance_by = (balance_by,) if isinstance(balance_by, str) else tuple(balance_by)
         self._weights = balance_weights(rows, self.balance_by) if self.balance_by else None
@@ -433,7 +433,7 @@ def _settings_hash(rows: pd.DataFrame, meta: dict[str, Any]) -> str | None:
     return stated or (found[0] if found else None)
 
 
-def _typed_metadata(rows: pd.DataFrame, columns: tuple[str, ...]) -> tuple[dict[str, list[str] | None], list[tuple]]:
+def typed_metadata(rows: pd.DataFrame, columns: tuple[str, ...]) -> tuple[dict[str, list[str] | None], list[tuple]]:
     """The requested columns as per-row tuples of numbers, and each categorical column's categories (None:
     continuous). Typed once here, so every worker and rank puts the same codes on its batches."""
     absent = [c for c in columns if c not in rows]

@@ -51,7 +51,7 @@ class SimCLROptions:
     hidden_dim: int = 512
     out_dim: int = 128
 
-    metadata: ClassVar[tuple[str, ...]] = ()
+    metadata: ClassVar[tuple[tuple[str, str], ...]] = ()  # (manifest column, "number" | "any")
 
     def __post_init__(self) -> None:
         check_ranges("options", self, temperature=(0, None, "open"), hidden_dim=(1, None), out_dim=(1, None))
@@ -75,8 +75,8 @@ class YAwareOptions(SimCLROptions):
             raise ConfigError(f"options.kernel: expected one of {KERNELS}, got {self.kernel!r}")
 
     @property
-    def metadata(self) -> tuple[str, ...]:
-        return (self.column,)
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((self.column, "number" if self.kernel == "rbf" else "any"),)
 
 
 class ContrastiveLoss(nn.Module):

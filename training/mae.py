@@ -34,7 +34,7 @@ class MAEOptions:
     mask_ratio: float = 0.75  # share of cubic blocks zeroed
     block_size: int = 16  # block edge in voxels
 
-    metadata: ClassVar[tuple[str, ...]] = ()
+    metadata: ClassVar[tuple[tuple[str, str], ...]] = ()  # (manifest column, "number" | "any")
 
     def __post_init__(self) -> None:
         check_ranges("options", self, mask_ratio=(0, 1, "open"), block_size=(1, None))

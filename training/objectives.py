@@ -43,8 +43,8 @@ class Options(Protocol):
     """An objective's options table: its loss module's keyword arguments, validated on construction."""
 
     @property
-    def metadata(self) -> tuple[str, ...]:
-        """Manifest columns the loader must put on each batch."""
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """(manifest column, "number" | "any") for each column the loader must put on each batch."""
 
     def check_size(self, out_size: int) -> None:
         """Raise ConfigError if the network input size does not suit the objective."""

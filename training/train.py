@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from openmind_tools.augment import AugmentSettings, GPUAugment
 from openmind_tools.errors import ConfigError, StoreError
 from openmind_tools.files import atomic_write, atomic_write_text
-from openmind_tools.loader import PatchDataset, make_loader
-from openmind_tools.manifest import EmptyResultWarning, resolve_manifest, write_manifest
+from openmind_tools.loader import PatchDataset, make_loader, typed_metadata
+from openmind_tools.manifest import EmptyResultWarning, balance_groups, resolve_manifest, write_manifest
 from training.config import RunConfig, StageConfig
 from training.model import PRESETS, export_encoder, nnssl_pretrain_plan
 from training.objectives import build_objective, objective_options
@@ -160,7 +160,7 @@ def _run_stage(
         foreground_bias=stage.foreground_bias,
         seed=cfg.seed + index,
         on_error=stage.on_error,
-        metadata=objective_options(stage).metadata,
+        metadata=[column for column, _ in objective_options(stage).metadata],
         balance_by=stage.balance_columns,
     )
     loader = make_loader(dataset, stage.batch_size, num_workers=stage.num_workers, device=device)
@@ -314,6 +314,17 @@ def _select(stage: StageConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
         raise ConfigError(
             f"stages.{stage.name}: {meta.get('query', 'the manifest')} of {stage.manifest} selects no volume"
         )
+    wanted = objective_options(stage).metadata
+    try:  # the columns balance_by and the objective name must be in it, and hold what the objective needs
+        if stage.balance_columns:
+            balance_groups(rows, stage.balance_columns)
+        categories, _ = typed_metadata(rows, tuple(column for column, _ in wanted))
+    except ConfigError as e:
+        raise ConfigError(f"stages.{stage.name}: {e}") from None
+    for column, kind in wanted:
+        if kind == "number" and categories[column] is not None:
+            raise ConfigError(f"stages.{stage.name}.options: objective {stage.objective!r} needs numbers in column "
+                              f"{column!r}, which holds categories {categories[column][:5]}")  # fmt: skip
     return rows, meta
 
 

@@ -43,7 +43,7 @@ class VoCoOptions:
     out_dim: int = 2048
     num_random: int = 4  # random crops per region (VoCo, nnssl)
 
-    metadata: ClassVar[tuple[str, ...]] = ()
+    metadata: ClassVar[tuple[tuple[str, str], ...]] = ()  # (manifest column, "number" | "any")
 
     def __post_init__(self) -> None:
         check_ranges("options", self, momentum=(0, 1, "right-open"), hidden_dim=(1, None), out_dim=(1, None),

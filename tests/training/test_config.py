@@ -60,6 +60,28 @@ def test_a_bad_value_in_any_stage_exits_2_before_any_work(demo_out: Path, tmp_pa
     assert not run.exists()  # the MAE stage's mistake is found before the VoCo stage trains
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            '{column="sex"}',
+            "stages.voco.options: objective 'yaware' needs numbers in column 'sex', which holds categories ['F', 'M']",
+        ),
+        ('{column="weight_kg"}', "stages.voco: metadata: no manifest column(s) ['weight_kg']"),
+        ('{column="age", kernel="gauss"}', "stages.voco.options.kernel: expected one of ('rbf', 'exact')"),
+        ("{sigma=0}", "stages.voco.options.sigma: expected a value in (0, inf)"),
+    ],
+)
+def test_the_objectives_columns_are_checked_against_the_manifest_before_any_work(
+    demo_out: Path, tmp_path: Path, capsys, options: str, message: str
+) -> None:
+    run = tmp_path / "run"
+    assert main(_args(demo_out, run, '--stages.voco.objective="yaware"', f"--stages.voco.options={options}")) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not run.exists()
+
+
 def test_toml_lists_reach_the_augmentation_settings(demo_out: Path) -> None:
     cfg = load_config(RECIPE, ["--stages.mae.augment={scale=[0.9, 1.1], p_scale=0.5}"])
     assert cfg.stages[1].augment == {"scale": [0.9, 1.1], "p_scale": 0.5}
