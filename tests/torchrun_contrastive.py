@@ -1,9 +1,9 @@
 """Run under torchrun by tests/training/test_contrastive.py: the gathered contrastive loss on each rank's share.
 
-Usage: torchrun --nproc_per_node=2 tests/torchrun_contrastive.py OUT_DIR KERNEL
+Usage: torchrun --nproc_per_node=2 tests/torchrun_contrastive.py OUT_DIR
 Each rank takes its block of a fixed global batch (GLOBAL samples, two views, labels with one missing), computes
-`global_batch_loss` (embeddings all-gathered with gradient over gloo) and writes its loss and the gradient on
-its own rows to OUT_DIR/rank<r>.json.
+`global_batch_loss` (embeddings all-gathered with gradient over gloo) without labels (SimCLR) and with them
+(y-aware, RBF), and writes each loss and the gradient on its own rows to OUT_DIR/rank<r>.json.
 """
 
 from __future__ import annotations
@@ -31,17 +31,19 @@ def global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def main() -> None:
-    out, kernel = Path(sys.argv[1]), sys.argv[2]
+    out = Path(sys.argv[1])
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     first, second, labels = global_batch()
     n = GLOBAL // world
     mine = slice(rank * n, (rank + 1) * n)
-    z = torch.cat([first[mine], second[mine]]).requires_grad_(True)
-    own = None if kernel == "none" else torch.cat([labels[mine], labels[mine]])
-    loss, _, _ = global_batch_loss(z, own, temperature=TEMPERATURE, kernel="rbf", sigma=SIGMA)
-    loss.backward()
-    record = {"rank": rank, "world": world, "loss": loss.item(), "grad": z.grad.tolist()}
+    record = {"rank": rank, "world": world}
+    for kernel in ("none", "rbf"):
+        z = torch.cat([first[mine], second[mine]]).requires_grad_(True)
+        own = None if kernel == "none" else torch.cat([labels[mine], labels[mine]])
+        loss, _, _ = global_batch_loss(z, own, temperature=TEMPERATURE, kernel="rbf", sigma=SIGMA)
+        loss.backward()
+        record[kernel] = {"loss": loss.item(), "grad": z.grad.tolist()}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
 
