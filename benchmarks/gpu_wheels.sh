@@ -12,7 +12,7 @@ fetch() { .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --py
   "${platforms[@]}" -d .whl "$@"; }
 fetch "zarr==$(.venv/bin/python -c 'import zarr; print(zarr.__version__)')" \
   "numcodecs==$(.venv/bin/python -c 'import numcodecs; print(numcodecs.__version__)')" \
-  "donfig" "crc32c" "webdataset==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("webdataset"))')" \
+  "donfig" "crc32c" "google-crc32c" "webdataset==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("webdataset"))')" \
   "braceexpand" "nibabel" "nilearn" "monai==$(.venv/bin/python -c 'import monai; print(monai.__version__)')" "typing_extensions"
 # dynamic-network-architectures ships only a source archive: build its pure-Python wheel here
 .venv/bin/python -m pip wheel -q --no-deps -w .whl \

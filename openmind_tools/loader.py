@@ -280,9 +280,14 @@ class PatchDataset(IterableDataset):
                     f"volume {volume.id}: no array metadata at {url} (is {root} the right store?)"
                 ) from None
             try:
-                found = json.loads(raw).get("attributes", {}).get("settings_hash")
+                attributes = json.loads(raw).get("attributes", {})
+                found, store_format = attributes.get("settings_hash"), attributes.get("store_format")
             except (ValueError, AttributeError):
                 raise StoreError(f"volume {volume.id}: {url} is not zarr array metadata (damaged?)") from None
+            if store_format != zarr_store.STORE_FORMAT:
+                raise StoreError(f"store {root} has store format {store_format or 'openmind-zarr/1'} (array of "
+                                 f"{volume.id}); this loader reads {zarr_store.STORE_FORMAT}, whose chunks carry "
+                                 "checksums: convert the corpus again with this openmind-convert")  # fmt: skip
             if self.settings_hash is not None and found != self.settings_hash:
                 raise StoreError(
                     f"store {root} was written with settings_hash {found} (array of {volume.id}), but the "

@@ -238,7 +238,7 @@ def _one_shard(
                     yield volume, sample
                 if not wanted:
                     break
-        except (OSError, tarfile.TarError) as e:  # a stream cut short: the rest of the shard is lost
+        except (OSError, tarfile.TarError, ValueError) as e:  # cut short, or a member name twice: the rest is lost
             broken = f"{type(e).__name__}: {e}"
     for missing in wanted.values():
         for volume in missing:
@@ -278,14 +278,19 @@ def decode_samples(
 ) -> Iterator[tuple[int, VolumeRef, Volume | StoreError]]:
     """Decode raw tar samples (after the shuffle buffer, so the buffer holds compact bytes) and check them.
 
-    A sample whose json names another id, or another settings hash than the manifest's, is refused.
+    A sample whose arrays do not match the manifest (shape, dtype, finite voxels; `wds_store.decode_sample`)
+    comes out as a StoreError naming the volume; one whose json names another id, or another settings hash
+    than the manifest's, is refused.
     """
     for position, (ref, sample) in slots:
         if isinstance(sample, StoreError):
             yield position, ref, sample
             continue
         try:
-            volume_id, volume, meta = wds_store.decode_sample(sample)
+            volume_id, volume, meta = wds_store.decode_sample(sample, ref.shape)
+        except StoreError as e:
+            yield position, ref, StoreError(f"volume {ref.id}: {e}")
+            continue
         except Exception as e:
             yield position, ref, StoreError(f"volume {ref.id} in {ref.shard}: {type(e).__name__}: {e}")
             continue

@@ -48,7 +48,7 @@ def verify(out: str | Path, progress: bool = True, client: Any = None) -> list[P
         for found in run_tasks(_check_volume, rows, client, progress=progress, what="verify zarr", out=str(out)):
             problems += found
     if "wds_shard" in manifest:
-        shards = [(shard, dict(zip(rows["id"], rows["checksum"], strict=True)))
+        shards = [(shard, [(r.id, r.wds_key, tuple(int(v) for v in r.shape), r.checksum) for r in rows.itertuples()])
                   for shard, rows in manifest.groupby("wds_shard")]  # fmt: skip
         for found in run_tasks(_check_shard, shards, client, progress=progress, what="verify shards", unit="shard",
                                out=str(out)):  # fmt: skip
@@ -61,6 +61,9 @@ def _check_volume(row: tuple[str, str, str, tuple[int, int, int], str], out: str
     root = Path(out) / store
     path = root / array
     try:
+        stored = zarr_store.stored_shape(str(root), volume_id)
+        if stored != shape:  # a permuted shape has the same bytes and checksum, so only the metadata shows it
+            return [Problem(volume_id, path, "zarr", f"the array's shape is {stored}, the manifest's {shape}")]
         got = zarr_store.read_volume(str(root), volume_id, shape).checksum()
     except Exception as e:  # any decode failure is a finding, not a crash
         return [Problem(volume_id, path, "zarr", f"unreadable ({type(e).__name__}: {e})")]
@@ -92,17 +95,28 @@ def repair(out: str | Path, problems: list[Problem], client: Any = None, progres
                    progress=progress)  # fmt: skip
 
 
-def _check_shard(job: tuple[str, dict[str, str]], out: str) -> list[Problem]:
-    shard, expected = job
+def _check_shard(job: tuple[str, list[tuple[str, str, tuple[int, ...], str]]], out: str) -> list[Problem]:
+    """Each sample of the shard against its manifest row (id, key, shape, checksum): every damaged one is named."""
+    shard, rows = job
     path = Path(out) / shard
+    expected = {key: (volume_id, shape, checksum) for volume_id, key, shape, checksum in rows}
     problems, seen = [], set()
     try:
-        for volume_id, volume, _ in wds_store.iter_shard(path):
-            seen.add(volume_id)
-            if volume_id not in expected:
-                problems.append(Problem(volume_id, path, "wds", "held here, but the manifest places it elsewhere"))
-            elif volume.checksum() != expected[volume_id]:
+        for sample in wds_store.raw_samples(path):
+            key = sample["__key__"]
+            if key not in expected:
+                problems.append(Problem(key, path, "wds", "held here, but the manifest places it elsewhere"))
+                continue
+            volume_id, shape, checksum = expected[key]
+            seen.add(key)
+            try:
+                _, volume, _ = wds_store.decode_sample(sample, shape)
+            except Exception as e:  # any decode failure is a finding about this sample, not a crash
+                problems.append(Problem(volume_id, path, "wds", f"unreadable ({type(e).__name__}: {e})"))
+                continue
+            if volume.checksum() != checksum:
                 problems.append(Problem(volume_id, path, "wds", "checksum differs from the manifest"))
     except Exception as e:
         problems.append(Problem(None, path, "wds", f"unreadable ({type(e).__name__}: {e})"))
-    return problems + [Problem(v, path, "wds", "missing from the shard") for v in sorted(set(expected) - seen)]
+    missing = sorted(expected[key][0] for key in set(expected) - seen)
+    return problems + [Problem(v, path, "wds", "missing from the shard") for v in missing]

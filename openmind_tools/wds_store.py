@@ -70,17 +70,45 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, Volume, dict[str,
     return sizes
 
 
-def decode_sample(sample: dict[str, Any]) -> tuple[str, Volume, dict[str, Any]]:
-    """Decode a raw webdataset sample (bytes per member) into (volume id, volume, json metadata)."""
+def decode_sample(sample: dict[str, Any], shape: Sequence[int] | None = None) -> tuple[str, Volume, dict[str, Any]]:
+    """Decode a raw webdataset sample (bytes per member) into (volume id, volume, json metadata).
+
+    With the manifest's `shape`, the arrays are checked before anyone crops them: 3 axes of that shape, a
+    float16 image with finite voxels and a uint8 code. A failure is a StoreError saying what is wrong.
+    """
+    where = f"sample {sample.get('__key__')!r} in {sample.get('__url__')}"
     missing = [m for m in MEMBERS if m not in sample]
     if missing:
-        raise StoreError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}: missing members {missing}")
+        raise StoreError(f"{where}: missing members {missing}")
     meta = json.loads(sample["json"])
-    return meta["id"], Volume(_load_npy(sample["image.npy"]), _load_npy(sample["mask.npy"])), meta
+    volume = Volume(_load_npy(sample["image.npy"]), _load_npy(sample["mask.npy"]))
+    if shape is not None:
+        for name, array, dtype in (("image", volume.image, np.float16), ("mask", volume.code, np.uint8)):
+            if array.shape != tuple(shape) or array.dtype != dtype:
+                raise StoreError(f"{where}: {name} is {array.dtype} {array.shape}, the manifest says {np.dtype(dtype)} "
+                                 f"{tuple(shape)}")  # fmt: skip
+        if not finite(volume.image):
+            raise StoreError(f"{where}: the image holds NaN or Inf voxels")
+    return meta["id"], volume, meta
+
+
+def finite(image: np.ndarray) -> bool:
+    """Whether a float16 array holds no NaN or Inf: an all-ones exponent (0x7C00) marks both. On the uint16 bits,
+    5x faster than np.isfinite on float16 (3.9 against 21 ms for a 1 mm head here)."""
+    return image.size == 0 or int(np.bitwise_and(image.view(np.uint16), 0x7C00).max()) != 0x7C00
 
 
 def iter_shard(path: str | Path) -> Iterator[tuple[str, Volume, dict[str, Any]]]:
-    """Read every sample of a local shard with tarfile alone (verify and tests; the loader uses webdataset)."""
+    """Read every sample of a local shard with tarfile alone (tests; the loader uses webdataset)."""
+    for sample in raw_samples(path):
+        yield decode_sample(sample)
+
+
+def raw_samples(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The undecoded samples of a local shard, in tar order, read with tarfile alone (verify decodes each).
+
+    A member name that occurs twice in a sample is a StoreError: one of the two would be dropped unseen.
+    """
     sample: dict[str, Any] = {}
     problem = file_problem(path)  # a FIFO would block tarfile forever
     if problem:
@@ -89,12 +117,14 @@ def iter_shard(path: str | Path) -> Iterator[tuple[str, Volume, dict[str, Any]]]
         for info in tar:
             key, _, ext = info.name.partition(".")
             if sample and key != sample["__key__"]:
-                yield decode_sample(sample)
+                yield sample
                 sample = {}
+            if ext in sample:
+                raise StoreError(f"{path}: member {info.name!r} occurs twice")
             sample["__key__"], sample["__url__"] = key, str(path)
             sample[ext] = tar.extractfile(info).read()
     if sample:
-        yield decode_sample(sample)
+        yield sample
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -2,6 +2,10 @@
 
 One array per volume at `volumes/<volume id>`, shape (2, X, Y, Z) float16 in ONE chunk: channel 0 is
 the z-scored image, channel 1 the mask code (bit 0 anatomy, bit 1 deface; 0..3 are exact in float16).
+The chunk is blosc, then zarr v3's `crc32c` codec (a little-endian CRC-32C of the blosc bytes appended), so
+plain zarr-python and tensorstore check it too; `read_volume` checks it (~0.2 ms per 3 MB chunk) and the
+blosc header's sizes against the chunk and the manifest before it decompresses, so no damaged chunk
+reaches blosc, which trusts those sizes (a chunk cut short used to end the reader with SIGSEGV).
 A 160^3 patch is nearly a whole 1 mm brain, so one object and one decode per volume beats any chunk
 grid; blosc lz4 + byte shuffle decodes image and masks together in ~4.5 ms on one core, where image
 and a separate uint8 mask array took ~24 ms (benchmarks/convert_bench.py has the numbers). No group
@@ -12,6 +16,7 @@ with numcodecs, given the shape the manifest recorded.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -19,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from openmind_tools.errors import StoreError
 from openmind_tools.files import file_problem, unreadable_object
@@ -31,6 +37,8 @@ from openmind_tools.volume import Volume
 CHUNK_KEY = "c/0/0/0/0"  # the only chunk of a (2, X, Y, Z) array with chunk_key_encoding "default"
 _BLOSC = {"cname": "lz4", "clevel": 5}  # with byte shuffle; measured in benchmarks/convert_bench.py
 _COMPRESSOR = BloscCodec(**_BLOSC, shuffle="shuffle", typesize=2)
+STORE_FORMAT = "openmind-zarr/2"  # 2: crc32c after blosc. An array's attributes["store_format"] says which it is
+_BLOSC_HEADER = 16  # bytes: version, flags, typesize, then uncompressed size, block size, compressed size (LE)
 
 
 def array_path(volume_id: str) -> str:
@@ -64,16 +72,15 @@ def write_volume(root: str | Path, volume_id: str, volume: Volume, attrs: dict[s
         shape=data.shape,
         chunks=data.shape,
         dtype="float16",
-        compressors=_COMPRESSOR,
+        compressors=(_COMPRESSOR, Crc32cCodec()),
         chunk_key_encoding={"name": "default", "separator": "/"},
-        attributes=attrs,
+        attributes={**attrs, "store_format": STORE_FORMAT},
         zarr_format=3,
     )
     chunk = tmp / CHUNK_KEY
     chunk.parent.mkdir(parents=True)
-    chunk.write_bytes(
-        numcodecs.blosc.compress(data, _BLOSC["cname"].encode(), _BLOSC["clevel"], numcodecs.blosc.SHUFFLE)
-    )
+    body = numcodecs.blosc.compress(data, _BLOSC["cname"].encode(), _BLOSC["clevel"], numcodecs.blosc.SHUFFLE)
+    chunk.write_bytes(body + google_crc32c.value(body).to_bytes(4, "little"))
     nbytes = chunk.stat().st_size
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
@@ -95,13 +102,37 @@ def read_volume(
     except FileNotFoundError:
         raise StoreError(f"volume {volume_id}: no chunk at {url}") from None
     data = np.empty((2, *shape), np.float16)  # writable, so torch can wrap crops of it without a copy
-    nbytes = int.from_bytes(raw[4:8], "little") if len(raw) >= 16 else -2  # blosc header: uncompressed size
-    if nbytes != data.nbytes:
-        raise StoreError(
-            f"volume {volume_id}: {url} holds {nbytes // 2} values, the manifest shape {shape} needs {data.size}"
-        )
-    numcodecs.blosc.decompress(raw, data)
+    numcodecs.blosc.decompress(check_chunk(raw, data.nbytes, f"volume {volume_id}: {url}"), data)
     return unpack(data)
+
+
+def check_chunk(raw: bytes, nbytes: int, where: str) -> bytes:
+    """The blosc bytes of a stored chunk, after checking its CRC-32C and that blosc's header matches both the
+    chunk's length and the `nbytes` the manifest's shape needs; anything else is a StoreError saying what."""
+    if len(raw) < _BLOSC_HEADER + 4:
+        raise StoreError(f"{where}: {len(raw)} bytes, too short to be a chunk (cut short?)")
+    body, stored = raw[:-4], int.from_bytes(raw[-4:], "little")
+    computed = google_crc32c.value(body)
+    if computed != stored:
+        raise StoreError(f"{where}: damaged chunk: its crc32c is {computed:08x}, it records {stored:08x} (a changed "
+                         "byte, or a chunk cut short or padded)")  # fmt: skip
+    values, compressed = int.from_bytes(body[4:8], "little"), int.from_bytes(body[12:16], "little")
+    if compressed != len(body):
+        raise StoreError(f"{where}: blosc header says {compressed} bytes, the chunk holds {len(body)}")
+    if values != nbytes:
+        raise StoreError(f"{where}: holds {values // 2} values, the manifest's shape needs {nbytes // 2}")
+    return body
+
+
+def stored_shape(root: str, volume_id: str, fs: fsspec.AbstractFileSystem | None = None) -> tuple[int, ...]:
+    """The (X, Y, Z) the array's own metadata records (verify compares it with the manifest's)."""
+    url = f"{str(root).rstrip('/')}/{array_path(volume_id)}/zarr.json"
+    fs = fs or fsspec.core.url_to_fs(url)[0]
+    try:
+        shape = json.loads(fs.cat_file(url))["shape"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"volume {volume_id}: {url}: no readable array metadata ({type(e).__name__}: {e})") from None
+    return tuple(int(v) for v in shape[1:])
 
 
 def is_stored(root: str | Path, volume_id: str) -> bool:

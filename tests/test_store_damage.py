@@ -1,0 +1,210 @@
+"""Damaged stores as a hostile user makes them: every read is checked, by the loader (raise and skip) and by
+`openmind-convert verify` in a subprocess: a StoreError naming the volume, never a signal or a raw error."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from loader_helpers import PATCH, mni_volumes, rewrite_manifest, write_store
+
+from openmind_tools import wds_store, zarr_store
+from openmind_tools.cli.convert import EXIT_FAILURES
+from openmind_tools.convert import convert
+from openmind_tools.corpus import CSV_NAME
+from openmind_tools.errors import StoreError
+from openmind_tools.loader import PatchDataset, make_loader
+from openmind_tools.manifest_io import read_table, write_table
+
+VICTIM = 2  # the damaged volume's position in id order
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_store(tmp_path_factory.mktemp("pristine"), mni_volumes(6), shards=2).parent
+
+
+@pytest.fixture
+def store(pristine: Path, tmp_path: Path) -> Path:
+    shutil.copytree(pristine, tmp_path / "store")
+    return tmp_path / "store"
+
+
+def _victim(store: Path) -> pd.Series:
+    return pd.read_parquet(store / "manifest.parquet").sort_values("id").iloc[VICTIM]
+
+
+def _chunk(store: Path) -> Path:
+    return store / "store.zarr" / zarr_store.array_path(_victim(store)["id"]) / zarr_store.CHUNK_KEY
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+ZARR_DAMAGE = {
+    "flipped byte": (_flip, "damaged chunk: its crc32c"),
+    "cut short": (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 3]), "damaged chunk"),
+    "padded with junk": (lambda p: p.write_bytes(p.read_bytes() + b"\x00junk" * 100), "damaged chunk"),
+    "a few bytes": (lambda p: p.write_bytes(b"\x02\x01"), "too short to be a chunk"),
+}
+
+
+def _rewrite_sample(shard: Path, key: str, members: dict[str, bytes], duplicate: str | None = None) -> None:
+    """Rewrite `shard` with the sample `key`'s members replaced (and one of them written twice)."""
+    with tarfile.open(shard) as tar:
+        entries = [(info.name, tar.extractfile(info).read()) for info in tar]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, payload in entries:
+            member_key, _, ext = name.partition(".")
+            payload = members.get(ext, payload) if member_key == key else payload
+            for _ in range(2 if member_key == key and ext == duplicate else 1):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    shard.write_bytes(out.getvalue())
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _damage_sample(store: Path, kind: str) -> None:
+    victim = _victim(store)
+    shape = tuple(int(s) for s in victim["shape"])
+    image = np.zeros(shape, np.float16)
+    change = {
+        "wrong shape": {"image.npy": _npy(np.zeros(shape[::-1][:2] + (3,), np.float16))},
+        "string dtype": {"image.npy": _npy(np.full(shape, "x"))},
+        "NaN voxels": {
+            "image.npy": _npy(np.where(np.arange(image.size).reshape(shape) == 7, np.nan, image).astype(np.float16))
+        },  # fmt: skip
+        "duplicate member": {},
+    }[kind]
+    _rewrite_sample(store / victim["wds_shard"], victim["wds_key"], change, "mask.npy" if not change else None)
+
+
+WDS_DAMAGE = {
+    "wrong shape": "the manifest says float16",
+    "string dtype": "image is <U1",
+    "NaN voxels": "NaN or Inf voxels",
+    "duplicate member": "duplicate file name",
+}
+
+
+def _epoch(store: Path, kind: str, on_error: str) -> list[dict]:
+    dataset = PatchDataset(store / "manifest.parquet", PATCH, store=kind, on_error=on_error, seed=1)
+    return list(make_loader(dataset, batch_size=2))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # webdataset leaves its file open
+@pytest.mark.parametrize("damage", list(ZARR_DAMAGE) + list(WDS_DAMAGE))
+def test_the_loader_names_a_damaged_volume_and_skip_keeps_the_step_count(store: Path, pristine: Path,
+                                                                          damage: str) -> None:  # fmt: skip
+    kind = "zarr" if damage in ZARR_DAMAGE else "wds"
+    if kind == "zarr":
+        hurt, message = ZARR_DAMAGE[damage]
+        hurt(_chunk(store))
+    else:
+        _damage_sample(store, damage)
+        message = WDS_DAMAGE[damage]
+    victim = _victim(store)["id"]
+    with pytest.raises(StoreError, match=message) as raised:
+        _epoch(store, kind, "raise")
+    assert victim in str(raised.value)
+    skipped = _epoch(store, kind, "skip")
+    assert len(skipped) == len(_epoch(pristine, kind, "raise"))
+    assert sum(batch["skipped"] for batch in skipped) == 1
+    assert victim not in {i for batch in skipped for i in batch["id"]}
+
+
+def test_an_older_store_without_checksums_is_refused_with_what_to_do(store: Path) -> None:
+    metadata = (
+        store / "store.zarr" / zarr_store.array_path(sorted(pd.read_parquet(store / "manifest.parquet")["id"])[0])
+    )
+    text = (metadata / "zarr.json").read_text().replace(f'"store_format": "{zarr_store.STORE_FORMAT}"', '"x": 1')
+    (metadata / "zarr.json").write_text(text)
+    with pytest.raises(StoreError, match="openmind-zarr/1.*convert the corpus again"):
+        PatchDataset(store / "manifest.parquet", PATCH)
+
+
+def test_plain_zarr_checks_the_chunk_checksum_too(store: Path) -> None:
+    victim = _victim(store)
+    assert zarr_store.open_volume(store / "store.zarr", victim["id"])[:].shape == (2, *victim["shape"])
+    _flip(_chunk(store))
+    with pytest.raises(ValueError, match="checksum"):
+        zarr_store.open_volume(store / "store.zarr", victim["id"])[:]
+
+
+def test_a_permuted_manifest_shape_is_named_by_the_tar_loader(store: Path) -> None:
+    rows = pd.read_parquet(store / "manifest.parquet")
+    victim = _victim(store)["id"]
+    shapes = [list(shape) for shape in rows["shape"]]
+    at = int(np.flatnonzero(rows["id"] == victim)[0])
+    shapes[at] = shapes[at][1:] + shapes[at][:1]  # same product, other shape
+    assert shapes[at] != list(rows["shape"].iloc[at])
+    manifest = rewrite_manifest(store / "manifest.parquet", store / "permuted.parquet", {"shape": shapes})
+    with pytest.raises(StoreError, match=rf"{victim}.*the manifest says float16"):
+        list(make_loader(PatchDataset(manifest, PATCH, store="wds"), batch_size=2))
+
+
+# ---------------------------------------------------------------------------------------------- verify
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    anat = nib.load(Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii")
+    base = root / "OpenMind" / "ds000999" / "sub-01" / "anat"
+    base.mkdir(parents=True)
+    names = [f"sub-01_run-{i}_T1w.nii.gz" for i in range(3)]
+    for name in names:
+        nib.save(anat, base / name)
+    with (root / CSV_NAME).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_path", "modality"])
+        writer.writeheader()
+        writer.writerows({"image_path": f"ds000999/sub-01/anat/{n}", "modality": "T1w"} for n in names)
+    out = tmp_path_factory.mktemp("converted") / "out"
+    convert(root, out, progress=False)
+    return out
+
+
+def _verify(out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "openmind_tools.cli.convert", "verify", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_verify_lists_every_damaged_volume_and_exits_non_zero(converted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(converted, out)
+    rows, meta = read_table(out / "manifest.parquet")
+    rows = rows.sort_values("id").reset_index(drop=True)
+    assert _verify(out).returncode == 0
+    chunk = out / "store.zarr" / rows.loc[0, "zarr_array"] / zarr_store.CHUNK_KEY
+    chunk.write_bytes(chunk.read_bytes()[:100])  # cut short: blosc alone would read past the end
+    second = out / "store.zarr" / rows.loc[1, "zarr_array"] / zarr_store.CHUNK_KEY
+    second.write_bytes(second.read_bytes() + b"junk")
+    shape = list(rows.loc[2, "shape"])
+    rows.at[2, "shape"] = [shape[1], shape[0], shape[2]]  # permuted: same bytes, same checksum
+    key = rows.loc[1, "wds_key"]
+    _rewrite_sample(out / rows.loc[1, "wds_shard"], key, {}, duplicate="json")
+    write_table(rows, out / "manifest.parquet", meta)
+    done = _verify(out)
+    assert done.returncode == EXIT_FAILURES and "Traceback" not in done.stderr, done  # an exit, not a signal
+    lines = done.stdout.splitlines()
+    for volume, reason in ((0, "damaged chunk"), (1, "damaged chunk"), (2, "shape"), (1, "occurs twice")):
+        assert any(wds_store.sample_key(rows.loc[volume, "id"]) in line and reason in line for line in lines), (
+            volume, reason, lines)  # fmt: skip
