@@ -26,6 +26,7 @@ if [ -n "$broken" ]; then echo "setup.sh: pip check failed:"; echo "$broken"; ex
 
 demo=${DEMO_DIR:-demo}
 .venv/bin/openmind-convert demo-data "$demo/corpus"
+rm -rf "$demo/store"  # the demo store is rebuilt each time: a store of an older converter would be refused
 .venv/bin/openmind-convert "$demo/corpus" "$demo/store" --format zarr,wds --workers 2
 .venv/bin/openmind-manifest stats "$demo/store/manifest.parquet"
 .venv/bin/openmind-manifest query "$demo/store/manifest.parquet" --preset mae8 -o "$demo/mae8.parquet"
