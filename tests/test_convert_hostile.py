@@ -183,3 +183,10 @@ def test_a_stored_sample_that_is_a_folder_is_a_store_error(tmp_path: Path) -> No
             str(tmp_path / "out" / "store.zarr"), manifest["id"].iloc[0], tuple(manifest["shape"].iloc[0])
         )
     assert np.all([p.volume_id == manifest["id"].iloc[0] for p in verify(tmp_path / "out", progress=False)])
+
+
+def test_a_local_dask_cluster_leaves_the_environment_as_it_found_it(tmp_path: Path) -> None:
+    root = _corpus(tmp_path / "corpus", ["sub-01_T1w.nii.gz"])
+    before = dict(os.environ)
+    assert main([str(root), str(tmp_path / "out"), "--workers", "1", "--quiet"]) == 0
+    assert dict(os.environ) == before  # dask's nannies set OMP_NUM_THREADS=1 here while the cluster ran

@@ -12,6 +12,7 @@ I/O error, too many open files, a lost dask worker): nothing is blamed on an inp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -135,16 +136,22 @@ def _client(args: argparse.Namespace) -> Iterator[Any]:
         with client:
             yield client
         return
-    with (
-        LocalCluster(
-            n_workers=args.workers,
-            threads_per_worker=1,
-            memory_limit=args.memory_limit,
-            dashboard_address=None,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
+    environ = dict(os.environ)  # dask's nannies set OMP_NUM_THREADS=1 etc. in this process for their workers
+    try:
+        with (
+            LocalCluster(
+                n_workers=args.workers,
+                threads_per_worker=1,
+                memory_limit=args.memory_limit,
+                dashboard_address=None,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client
+    finally:  # ...which would leave every later subprocess (a trainer started from the same Python) on one thread
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)
 
 
 def _verify_parser() -> argparse.ArgumentParser:
