@@ -60,8 +60,9 @@ def write_synthetic_store(count: int, out: str | Path, *, seed: int = 0, small: 
         samples = ((i, v, {"id": i, "settings_hash": SETTINGS_HASH}) for i, v, _ in pending)
         sizes = wds_store.write_shard(out / name, samples)
         for volume_id, _, row in pending:
-            rows.append({**row, "wds_shard": name, "wds_key": wds_store.sample_key(volume_id),
-                         "wds_nbytes": sizes[wds_store.sample_key(volume_id)]})  # fmt: skip
+            nbytes, crc32c = sizes[wds_store.sample_key(volume_id)]
+            rows.append({**row, "wds_shard": name, "wds_key": wds_store.sample_key(volume_id), "wds_nbytes": nbytes,
+                         "wds_crc32c": crc32c})  # fmt: skip
         pending.clear()
 
     for i in range(count):

@@ -232,19 +232,19 @@ def _pack_shards(
             stale.unlink()
     packed_now = run_tasks(_pack_one, jobs, client, progress=progress, what="pack", unit="shard", out=str(out),
                            zarr_root=str(zarr_root))  # fmt: skip
-    for name, ids, nbytes in packed_now:
-        packed[name] = {"shard": name, "ids": ids, "nbytes": nbytes}
+    for name, ids, nbytes, crc32c in packed_now:
+        packed[name] = {"shard": name, "ids": ids, "nbytes": nbytes, "crc32c": crc32c}
         _append(log, packed[name])
 
 
 def _pack_one(
     job: tuple[str, list[tuple[str, tuple[int, int, int], dict[str, Any]]]], out: str, zarr_root: str
-) -> tuple[str, list[str], list[int]]:
+) -> tuple[str, list[str], list[int], list[list[int]]]:
     numcodecs.blosc.set_nthreads(1)
     name, members = job
     samples = ((vid, zarr_store.read_volume(zarr_root, vid, shape), meta) for vid, shape, meta in members)
     sizes = wds_store.write_shard(Path(out) / name, samples)
-    return name, [vid for vid, _, _ in members], list(sizes.values())
+    return name, [vid for vid, _, _ in members], [n for n, _ in sizes.values()], [c for _, c in sizes.values()]
 
 
 def _worker_died(image: SourceImage, error: Exception) -> dict[str, Any]:
@@ -254,7 +254,7 @@ def _worker_died(image: SourceImage, error: Exception) -> dict[str, Any]:
 @dataclass
 class _Journal:
     volumes: dict[str, dict[str, Any]]
-    shards: dict[str, dict[str, Any]]  # shard name -> {"ids": [...], "nbytes": [...]}
+    shards: dict[str, dict[str, Any]]  # shard name -> {"ids": [...], "nbytes": [...], "crc32c": [[...], ...]}
 
 
 def _read_journal(path: Path) -> _Journal:
@@ -349,14 +349,15 @@ def _manifest(
         ours = ours.drop(columns=["zarr_nbytes"], errors="ignore")
     if "wds" in formats:
         where = {
-            vid: (name, n)
+            vid: (name, n, crc)
             for name, entry in shards.items()
             if (out / name).is_file()
-            for vid, n in zip(entry["ids"], entry["nbytes"], strict=True)
+            for vid, n, crc in zip(entry["ids"], entry["nbytes"], entry["crc32c"], strict=True)
         }
         ours["wds_shard"] = [where[i][0] for i in ours["id"]]
         ours["wds_key"] = [wds_store.sample_key(i) for i in ours["id"]]
         ours["wds_nbytes"] = [where[i][1] for i in ours["id"]]
+        ours["wds_crc32c"] = [where[i][2] for i in ours["id"]]
     csv = corpus.table.loc[ours["id"]].reset_index(drop=True)
     csv = csv.rename(columns={c: f"csv_{c}" for c in csv.columns if c in ours.columns})
     return pd.concat([ours.reset_index(drop=True), csv], axis=1).sort_values("id", ignore_index=True)

@@ -463,6 +463,9 @@ def typed_metadata(rows: pd.DataFrame, columns: tuple[str, ...]) -> tuple[dict[s
 def _volume_refs(rows: pd.DataFrame, store: str, base: str | None, metadata: list[tuple]) -> list[VolumeRef]:
     needed = ["id", "shape", *(("zarr_store",) if store == "zarr" else ("wds_shard", "wds_key"))]
     absent = [c for c in needed if c not in rows]
+    if store == "wds" and not absent and "wds_crc32c" not in rows:
+        raise ConfigError("the manifest records no tar sample checksums (wds_crc32c; written by a converter before "
+                          "0.3): convert the corpus again with this openmind-convert")  # fmt: skip
     if absent:
         raise ConfigError(f"the manifest has no column(s) {absent} needed for store={store!r} "
                           f"(was it converted with formats including {store!r}?)")  # fmt: skip
@@ -472,6 +475,12 @@ def _volume_refs(rows: pd.DataFrame, store: str, base: str | None, metadata: lis
     if where.isna().any():
         first = rows.loc[where.isna(), "id"].iloc[0]
         raise ConfigError(f"{int(where.isna().sum())} volume(s), e.g. {first}, have no {store} store in the manifest")
+    if store == "wds":
+        bad = [not (hasattr(c, "__len__") and len(c) == 3) for c in rows["wds_crc32c"]]
+        if any(bad):
+            first = rows.loc[bad, "id"].iloc[0]
+            raise ConfigError(f"{sum(bad)} volume(s), e.g. {first}, have no wds_crc32c (3 member checksums) in the "
+                              "manifest")  # fmt: skip
     volumes = []
     urls: dict[str, str] = {}  # one string per store or shard, shared by its volumes' refs
     for i, row in enumerate(rows.itertuples(index=False)):
@@ -486,6 +495,7 @@ def _volume_refs(rows: pd.DataFrame, store: str, base: str | None, metadata: lis
                 zarr_root=url if store == "zarr" else None,
                 shard=url if store == "wds" else None,
                 key=row.wds_key if store == "wds" else None,
+                crc32c=tuple(int(c) for c in row.wds_crc32c) if store == "wds" else None,
                 metadata=metadata[i] if metadata else (),
             )
         )

@@ -57,6 +57,7 @@ class VolumeRef:
     zarr_root: str | None  # URL of the Zarr store that holds the volume
     shard: str | None  # URL of the tar shard that holds the sample
     key: str | None  # the sample's key inside the shard
+    crc32c: tuple[int, int, int] | None = None  # the tar sample's member checksums (image, mask, json)
     metadata: tuple[float | int, ...] = ()  # the requested manifest columns, typed (see PatchDataset)
 
 
@@ -287,7 +288,7 @@ def decode_samples(
             yield position, ref, sample
             continue
         try:
-            volume_id, volume, meta = wds_store.decode_sample(sample, ref.shape)
+            volume_id, volume, meta = wds_store.decode_sample(sample, ref.shape, ref.crc32c)
         except StoreError as e:
             yield position, ref, StoreError(f"volume {ref.id}: {e}")
             continue

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from openmind_tools import wds_store, zarr_store
 from openmind_tools.errors import ConfigError
 from openmind_tools.manifest_io import MANIFEST, read_table
@@ -48,8 +50,10 @@ def verify(out: str | Path, progress: bool = True, client: Any = None) -> list[P
         for found in run_tasks(_check_volume, rows, client, progress=progress, what="verify zarr", out=str(out)):
             problems += found
     if "wds_shard" in manifest:
-        shards = [(shard, [(r.id, r.wds_key, tuple(int(v) for v in r.shape), r.checksum) for r in rows.itertuples()])
-                  for shard, rows in manifest.groupby("wds_shard")]  # fmt: skip
+        crc = manifest["wds_crc32c"] if "wds_crc32c" in manifest else pd.Series([None] * len(manifest))
+        manifest = manifest.assign(wds_crc32c=list(crc))
+        shards = [(shard, [(r.id, r.wds_key, tuple(int(v) for v in r.shape), r.checksum, r.wds_crc32c)
+                           for r in rows.itertuples()]) for shard, rows in manifest.groupby("wds_shard")]  # fmt: skip
         for found in run_tasks(_check_shard, shards, client, progress=progress, what="verify shards", unit="shard",
                                out=str(out)):  # fmt: skip
             problems += found
@@ -95,11 +99,12 @@ def repair(out: str | Path, problems: list[Problem], client: Any = None, progres
                    progress=progress)  # fmt: skip
 
 
-def _check_shard(job: tuple[str, list[tuple[str, str, tuple[int, ...], str]]], out: str) -> list[Problem]:
-    """Each sample of the shard against its manifest row (id, key, shape, checksum): every damaged one is named."""
+def _check_shard(job: tuple[str, list[tuple[str, str, tuple[int, ...], str, Any]]], out: str) -> list[Problem]:
+    """Each sample of the shard against its manifest row (id, key, shape, checksum, member CRC-32Cs): every
+    damaged one is named."""
     shard, rows = job
     path = Path(out) / shard
-    expected = {key: (volume_id, shape, checksum) for volume_id, key, shape, checksum in rows}
+    expected = {key: (volume_id, shape, checksum, crc) for volume_id, key, shape, checksum, crc in rows}
     problems, seen = [], set()
     try:
         for sample in wds_store.raw_samples(path):
@@ -107,10 +112,10 @@ def _check_shard(job: tuple[str, list[tuple[str, str, tuple[int, ...], str]]], o
             if key not in expected:
                 problems.append(Problem(key, path, "wds", "held here, but the manifest places it elsewhere"))
                 continue
-            volume_id, shape, checksum = expected[key]
+            volume_id, shape, checksum, crc = expected[key]
             seen.add(key)
             try:
-                _, volume, _ = wds_store.decode_sample(sample, shape)
+                _, volume, _ = wds_store.decode_sample(sample, shape, crc)
             except Exception as e:  # any decode failure is a finding about this sample, not a crash
                 problems.append(Problem(volume_id, path, "wds", f"unreadable ({type(e).__name__}: {e})"))
                 continue

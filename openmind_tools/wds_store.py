@@ -1,11 +1,12 @@
 """WebDataset layout of converted volumes: the only module that knows the tar member names.
 
-Shard `shards/shard-NNNNNN.tar` holds one sample per volume, keyed by the volume id (slashes kept,
-`%` and `.` percent-encoded, so two ids never share a key): `<key>.image.npy` (X, Y, Z) float16,
-`<key>.mask.npy` (X, Y, Z) uint8 mask code (bit 0 anatomy, bit 1 deface) and `<key>.json` (id,
-affine, spacing). Members are plain .npy, so `webdataset.WebDataset(url).decode()` and `tar tf` read
-them; they are uncompressed because tar shards serve sequential streaming where decode time, not
-bytes, is scarce. Shards are POSIX.1-2001 (PAX) tar: no 100-byte limit on member names (OpenMind's
+Shard `shards/shard-NNNNNN.tar` holds one sample per volume, keyed by the volume id (slashes kept, `%` and
+`.` percent-encoded, so two ids never share a key): `<key>.image.npy` (X, Y, Z) float16, `<key>.mask.npy`
+(X, Y, Z) uint8 mask code (bit 0 anatomy, bit 1 deface) and `<key>.json` (id, affine, spacing, and the
+CRC-32C of the two arrays' members). The manifest's `wds_crc32c` holds the CRC-32C of all three members,
+which a reader checks before it decodes. Members are plain .npy, so `webdataset.WebDataset(url).decode()`
+and `tar tf` read them; they are uncompressed because tar shards serve sequential streaming where decode
+time, not bytes, is scarce. Shards are POSIX.1-2001 (PAX) tar: no 100-byte limit on member names (OpenMind's
 many-entity BIDS names exceed it), and webdataset, Python's tarfile and GNU tar read it. Nothing is
 unpickled: `decode_sample` reads only these three members with `allow_pickle=False`.
 """
@@ -19,6 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 
 from openmind_tools.errors import StoreError
@@ -50,29 +52,36 @@ def sample_nbytes(shape: Sequence[int]) -> int:
     return 3 * int(np.prod(shape))
 
 
-def write_shard(path: str | Path, samples: Iterable[tuple[str, Volume, dict[str, Any]]]) -> dict[str, int]:
-    """Write a whole shard under a temporary name and rename it; returns bytes per sample key.
+def write_shard(
+    path: str | Path, samples: Iterable[tuple[str, Volume, dict[str, Any]]]
+) -> dict[str, tuple[int, list[int]]]:
+    """Write a whole shard under a temporary name and rename it; returns (bytes, member CRC-32Cs) per sample key.
 
     Tar headers are deterministic (mtime 0, uid 0), so a rerun writes the same bytes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sizes: dict[str, int] = {}
+    sizes: dict[str, tuple[int, list[int]]] = {}
     with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for volume_id, volume, meta in samples:
             key = sample_key(volume_id)
-            members = (_npy(volume.image), _npy(volume.mask_code), json.dumps(meta).encode())
+            arrays = (_npy(volume.image), _npy(volume.mask_code))
+            meta = {**meta, "crc32c": dict(zip(MEMBERS[:2], map(google_crc32c.value, arrays), strict=True))}
+            members = (*arrays, json.dumps(meta).encode())
             for ext, payload in zip(MEMBERS, members, strict=True):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mode = len(payload), 0o444
                 tar.addfile(info, io.BytesIO(payload))
-            sizes[key] = sum(len(m) for m in members)
+            sizes[key] = (sum(len(m) for m in members), [google_crc32c.value(m) for m in members])
     return sizes
 
 
-def decode_sample(sample: dict[str, Any], shape: Sequence[int] | None = None) -> tuple[str, Volume, dict[str, Any]]:
+def decode_sample(
+    sample: dict[str, Any], shape: Sequence[int] | None = None, crc32c: Sequence[int] | None = None
+) -> tuple[str, Volume, dict[str, Any]]:
     """Decode a raw webdataset sample (bytes per member) into (volume id, volume, json metadata).
 
+    With the manifest's `crc32c` (one per member), every member's bytes are checked before anything is decoded.
     With the manifest's `shape`, the arrays are checked before anyone crops them: 3 axes of that shape, a
     float16 image with finite voxels and a uint8 code. A failure is a StoreError saying what is wrong.
     """
@@ -80,6 +89,11 @@ def decode_sample(sample: dict[str, Any], shape: Sequence[int] | None = None) ->
     missing = [m for m in MEMBERS if m not in sample]
     if missing:
         raise StoreError(f"{where}: missing members {missing}")
+    for member, expected in zip(MEMBERS, () if crc32c is None else crc32c, strict=False):
+        computed = google_crc32c.value(sample[member])
+        if computed != int(expected):
+            raise StoreError(f"{where}: damaged member {member}: its crc32c is {computed:08x}, the manifest "
+                             f"records {int(expected):08x}")  # fmt: skip
     meta = json.loads(sample["json"])
     volume = Volume(_load_npy(sample["image.npy"]), _load_npy(sample["mask.npy"]))
     if shape is not None:
@@ -94,7 +108,7 @@ def decode_sample(sample: dict[str, Any], shape: Sequence[int] | None = None) ->
 
 def finite(image: np.ndarray) -> bool:
     """Whether a float16 array holds no NaN or Inf: an all-ones exponent (0x7C00) marks both. On the uint16 bits,
-    5x faster than np.isfinite on float16 (3.9 against 21 ms for a 1 mm head here)."""
+    4.5x faster than np.isfinite on float16 (3.6 against 16.5 ms for a 1 mm head here)."""
     return image.size == 0 or int(np.bitwise_and(image.view(np.uint16), 0x7C00).max()) != 0x7C00
 
 

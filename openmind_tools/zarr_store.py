@@ -3,7 +3,7 @@
 One array per volume at `volumes/<volume id>`, shape (2, X, Y, Z) float16 in ONE chunk: channel 0 is
 the z-scored image, channel 1 the mask code (bit 0 anatomy, bit 1 deface; 0..3 are exact in float16).
 The chunk is blosc, then zarr v3's `crc32c` codec (a little-endian CRC-32C of the blosc bytes appended), so
-plain zarr-python and tensorstore check it too; `read_volume` checks it (~0.2 ms per 3 MB chunk) and the
+plain zarr-python and tensorstore check it too; `read_volume` checks it (0.34 ms per 3 MB chunk) and the
 blosc header's sizes against the chunk and the manifest before it decompresses, so no damaged chunk
 reaches blosc, which trusts those sizes (a chunk cut short used to end the reader with SIGSEGV).
 A 160^3 patch is nearly a whole 1 mm brain, so one object and one decode per volume beats any chunk

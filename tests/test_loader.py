@@ -218,7 +218,7 @@ def test_missing_sample_raises_naming_the_volume_and_the_store(store16: Path, tm
     ghost = "ds999999/sub-99/anat/sub-99_T1w"
     row = {"id": ghost, "dataset": "ds999999", "modality": "T1w", "shape": [30, 30, 30],
            "settings_hash": SETTINGS_HASH, "zarr_store": "store.zarr", "wds_shard": "shards/shard-000001.tar",
-           "wds_key": ghost}  # fmt: skip
+           "wds_key": ghost, "wds_crc32c": [0, 0, 0]}  # fmt: skip
     manifest = rewrite_manifest(store16 / "manifest.parquet", store16 / f"ghost-{store}.parquet", extra_rows=[row])
     dataset = PatchDataset(manifest, PATCH, store=store, seed=0)
     where = "store.zarr/volumes/" + ghost if store == "zarr" else "shards/shard-000001.tar"

@@ -11,6 +11,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import google_crc32c
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ from openmind_tools import wds_store, zarr_store
 from openmind_tools.cli.convert import EXIT_FAILURES
 from openmind_tools.convert import convert
 from openmind_tools.corpus import CSV_NAME
-from openmind_tools.errors import StoreError
+from openmind_tools.errors import ConfigError, StoreError
 from openmind_tools.loader import PatchDataset, make_loader
 from openmind_tools.manifest_io import read_table, write_table
 
@@ -84,7 +85,17 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def _damage_sample(store: Path, kind: str) -> None:
+    """Damage the victim's tar sample. Except for a flipped byte, the manifest's checksums are made to match the
+    new members, as a store built by another tool would be, so the checks after the checksum are what fires."""
     victim = _victim(store)
+    shard = store / victim["wds_shard"]
+    if kind == "flipped byte":
+        with tarfile.open(shard) as tar:
+            member = tar.getmember(f"{victim['wds_key']}.image.npy")
+        data = bytearray(shard.read_bytes())
+        data[member.offset_data + member.size // 2] ^= 0x01
+        shard.write_bytes(bytes(data))
+        return
     shape = tuple(int(s) for s in victim["shape"])
     image = np.zeros(shape, np.float16)
     change = {
@@ -95,10 +106,17 @@ def _damage_sample(store: Path, kind: str) -> None:
         },  # fmt: skip
         "duplicate member": {},
     }[kind]
-    _rewrite_sample(store / victim["wds_shard"], victim["wds_key"], change, "mask.npy" if not change else None)
+    _rewrite_sample(shard, victim["wds_key"], change, "mask.npy" if not change else None)
+    with tarfile.open(shard) as tar:
+        crc = [google_crc32c.value(tar.extractfile(f"{victim['wds_key']}.{m}").read()) for m in wds_store.MEMBERS]
+    rows = pd.read_parquet(store / "manifest.parquet")
+    rows["wds_crc32c"] = [crc if i == victim["id"] else list(c) for i, c in zip(rows["id"], rows["wds_crc32c"],
+                                                                                  strict=True)]  # fmt: skip
+    rewrite_manifest(store / "manifest.parquet", store / "manifest.parquet", {"wds_crc32c": rows["wds_crc32c"]})
 
 
 WDS_DAMAGE = {
+    "flipped byte": "damaged member image.npy: its crc32c",
     "wrong shape": "the manifest says float16",
     "string dtype": "image is <U1",
     "NaN voxels": "NaN or Inf voxels",
@@ -112,10 +130,10 @@ def _epoch(store: Path, kind: str, on_error: str) -> list[dict]:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # webdataset leaves its file open
-@pytest.mark.parametrize("damage", list(ZARR_DAMAGE) + list(WDS_DAMAGE))
+@pytest.mark.parametrize("damage", [f"zarr {d}" for d in ZARR_DAMAGE] + [f"wds {d}" for d in WDS_DAMAGE])
 def test_the_loader_names_a_damaged_volume_and_skip_keeps_the_step_count(store: Path, pristine: Path,
                                                                           damage: str) -> None:  # fmt: skip
-    kind = "zarr" if damage in ZARR_DAMAGE else "wds"
+    kind, damage = damage.split(" ", 1)
     if kind == "zarr":
         hurt, message = ZARR_DAMAGE[damage]
         hurt(_chunk(store))
@@ -208,3 +226,14 @@ def test_verify_lists_every_damaged_volume_and_exits_non_zero(converted: Path, t
     for volume, reason in ((0, "damaged chunk"), (1, "damaged chunk"), (2, "shape"), (1, "occurs twice")):
         assert any(wds_store.sample_key(rows.loc[volume, "id"]) in line and reason in line for line in lines), (
             volume, reason, lines)  # fmt: skip
+
+
+def test_a_manifest_without_tar_checksums_is_refused_with_what_to_do(store: Path) -> None:
+    rows, meta = read_table(store / "manifest.parquet")
+    write_table(rows.drop(columns=["wds_crc32c"]), store / "old.parquet", meta)
+    with pytest.raises(ConfigError, match="no tar sample checksums.*convert the corpus again"):
+        PatchDataset(store / "old.parquet", PATCH, store="wds")
+    rows.at[rows.index[VICTIM], "wds_crc32c"] = None
+    write_table(rows, store / "holed.parquet", meta)
+    with pytest.raises(ConfigError, match=r"1 volume\(s\), e\.g\. .* have no wds_crc32c"):
+        PatchDataset(store / "holed.parquet", PATCH, store="wds")
