@@ -3,7 +3,6 @@ FIFOs, a full disk, damaged stores healed by `verify --repair`, bad arguments.""
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -11,44 +10,28 @@ import sys
 import tarfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import webdataset as wds
+from corpus_helpers import small_corpus
 
 from openmind_tools import zarr_store
 from openmind_tools.cli.common import EXIT_MACHINE, EXIT_USAGE
 from openmind_tools.cli.convert import EXIT_FAILURES, main
 from openmind_tools.convert import convert
-from openmind_tools.corpus import CSV_NAME
 from openmind_tools.errors import StoreError
 from openmind_tools.loader import PatchDataset
 from openmind_tools.verify import verify
 
-NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 LONG = "sub-01_ses-baseline_task-rest_acq-mprage" + "x" * 126 + "_rec-norm_run-01_echo-1_T1w"  # 200 bytes with .nii.gz
-
-
-def _corpus(root: Path, names: list[str]) -> Path:
-    """A CSV corpus of small real images (nibabel's 2 mm anatomical) under the given file names."""
-    anat = nib.load(NIBABEL_DATA / "anatomical.nii")
-    base = root / "OpenMind" / "ds000999" / "sub-01" / "anat"
-    base.mkdir(parents=True)
-    for name in names:
-        nib.save(anat, base / name)
-    with (root / CSV_NAME).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image_path", "modality"])
-        writer.writeheader()
-        writer.writerows({"image_path": f"ds000999/sub-01/anat/{n}", "modality": "T1w"} for n in names)
-    return root
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # webdataset leaves its file open
 def test_long_names_and_ids_that_differ_by_a_dot_convert_into_unique_tar_keys(tmp_path: Path) -> None:
     names = [f"{LONG}.nii.gz", "sub-05_acq-1.5mm_T1w.nii.gz", "sub-05_acq-1_5mm_T1w.nii.gz"]
     assert len(names[0].encode()) == 200
-    root = _corpus(tmp_path / "corpus", names)
+    root = small_corpus(tmp_path / "corpus", names)
     assert main([str(root), str(tmp_path / "out"), "--workers", "0", "--quiet"]) == 0
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert len(manifest) == 3 and manifest["wds_key"].is_unique
@@ -61,7 +44,7 @@ def test_long_names_and_ids_that_differ_by_a_dot_convert_into_unique_tar_keys(tm
 
 
 def test_a_fifo_where_a_file_should_be_is_refused_never_waited_on(tmp_path: Path) -> None:
-    root = _corpus(tmp_path / "corpus", ["sub-01_T1w.nii.gz", "sub-01_run-2_T1w.nii.gz"])
+    root = small_corpus(tmp_path / "corpus", ["sub-01_T1w.nii.gz", "sub-01_run-2_T1w.nii.gz"])
     image = root / "OpenMind" / "ds000999" / "sub-01" / "anat" / "sub-01_run-2_T1w.nii.gz"
     image.unlink()
     os.mkfifo(image)
@@ -172,7 +155,7 @@ def test_bad_arguments_exit_2_naming_the_argument(demo_corpus: Path, tmp_path: P
 
 
 def test_a_stored_sample_that_is_a_folder_is_a_store_error(tmp_path: Path) -> None:
-    root = _corpus(tmp_path / "corpus", ["sub-01_T1w.nii.gz"])
+    root = small_corpus(tmp_path / "corpus", ["sub-01_T1w.nii.gz"])
     convert(root, tmp_path / "out", formats=("zarr",), progress=False)
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
     chunk = tmp_path / "out" / "store.zarr" / manifest["zarr_array"].iloc[0] / zarr_store.CHUNK_KEY
@@ -186,7 +169,7 @@ def test_a_stored_sample_that_is_a_folder_is_a_store_error(tmp_path: Path) -> No
 
 
 def test_a_local_dask_cluster_leaves_the_environment_as_it_found_it(tmp_path: Path) -> None:
-    root = _corpus(tmp_path / "corpus", ["sub-01_T1w.nii.gz"])
+    root = small_corpus(tmp_path / "corpus", ["sub-01_T1w.nii.gz"])
     before = dict(os.environ)
     assert main([str(root), str(tmp_path / "out"), "--workers", "1", "--quiet"]) == 0
     assert dict(os.environ) == before  # dask's nannies set OMP_NUM_THREADS=1 here while the cluster ran

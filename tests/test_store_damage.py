@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import shutil
 import subprocess
@@ -12,16 +11,15 @@ import tarfile
 from pathlib import Path
 
 import google_crc32c
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from corpus_helpers import small_corpus
 from loader_helpers import PATCH, mni_volumes, rewrite_manifest, write_store
 
 from openmind_tools import wds_store, zarr_store
 from openmind_tools.cli.convert import EXIT_FAILURES
 from openmind_tools.convert import convert
-from openmind_tools.corpus import CSV_NAME
 from openmind_tools.errors import ConfigError, StoreError
 from openmind_tools.loader import PatchDataset, make_loader
 from openmind_tools.manifest_io import read_table, write_table
@@ -183,17 +181,7 @@ def test_a_permuted_manifest_shape_is_named_by_the_tar_loader(store: Path) -> No
 # ---------------------------------------------------------------------------------------------- verify
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    anat = nib.load(Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii")
-    base = root / "OpenMind" / "ds000999" / "sub-01" / "anat"
-    base.mkdir(parents=True)
-    names = [f"sub-01_run-{i}_T1w.nii.gz" for i in range(3)]
-    for name in names:
-        nib.save(anat, base / name)
-    with (root / CSV_NAME).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image_path", "modality"])
-        writer.writeheader()
-        writer.writerows({"image_path": f"ds000999/sub-01/anat/{n}", "modality": "T1w"} for n in names)
+    root = small_corpus(tmp_path_factory.mktemp("corpus"), [f"sub-01_run-{i}_T1w.nii.gz" for i in range(3)])
     out = tmp_path_factory.mktemp("converted") / "out"
     convert(root, out, progress=False)
     return out
