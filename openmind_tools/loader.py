@@ -448,10 +448,13 @@ def typed_metadata(rows: pd.DataFrame, columns: tuple[str, ...]) -> tuple[dict[s
     typed = []
     for column in columns:
         raw = rows[column].where(rows[column].astype(str).str.strip() != "")  # an empty CSV cell is missing
-        numbers = pd.to_numeric(raw, errors="coerce")
+        try:
+            numbers = pd.to_numeric(raw, errors="coerce").astype("float64")
+        except (TypeError, ValueError):  # cells that are lists or dicts: not numbers
+            numbers = pd.Series(np.nan, index=raw.index)
         if numbers.notna().sum() == raw.notna().sum():  # every present value is a number
             categories[column] = None
-            typed.append(numbers.astype("float64").to_numpy())
+            typed.append(numbers.where(np.isfinite(numbers)).to_numpy())  # an inf age is as missing as none
         else:
             names = sorted({str(v) for v in raw.dropna()})
             categories[column] = names
@@ -475,12 +478,11 @@ def _volume_refs(rows: pd.DataFrame, store: str, base: str | None, metadata: lis
     if where.isna().any():
         first = rows.loc[where.isna(), "id"].iloc[0]
         raise ConfigError(f"{int(where.isna().sum())} volume(s), e.g. {first}, have no {store} store in the manifest")
-    if store == "wds":
-        bad = [not (hasattr(c, "__len__") and len(c) == 3) for c in rows["wds_crc32c"]]
-        if any(bad):
-            first = rows.loc[bad, "id"].iloc[0]
-            raise ConfigError(f"{sum(bad)} volume(s), e.g. {first}, have no wds_crc32c (3 member checksums) in the "
-                              "manifest")  # fmt: skip
+    crcs = [_member_crcs(c) for c in rows["wds_crc32c"]] if store == "wds" else [None] * len(rows)
+    if store == "wds" and None in crcs:
+        bad = [c is None for c in crcs]
+        raise ConfigError(f"{sum(bad)} volume(s), e.g. {rows.loc[bad, 'id'].iloc[0]}, have no wds_crc32c (3 member "
+                          "checksums, each a 32-bit integer) in the manifest")  # fmt: skip
     volumes = []
     urls: dict[str, str] = {}  # one string per store or shard, shared by its volumes' refs
     for i, row in enumerate(rows.itertuples(index=False)):
@@ -495,11 +497,21 @@ def _volume_refs(rows: pd.DataFrame, store: str, base: str | None, metadata: lis
                 zarr_root=url if store == "zarr" else None,
                 shard=url if store == "wds" else None,
                 key=row.wds_key if store == "wds" else None,
-                crc32c=tuple(int(c) for c in row.wds_crc32c) if store == "wds" else None,
+                crc32c=crcs[i],
                 metadata=metadata[i] if metadata else (),
             )
         )
     return volumes
+
+
+def _member_crcs(value: Any) -> tuple[int, int, int] | None:
+    """A manifest cell's three member CRC-32Cs, or None if it is not three integers in [0, 2^32)."""
+    try:
+        crcs = tuple(value)
+    except TypeError:
+        return None
+    ok = len(crcs) == 3 and all(isinstance(c, int | np.integer) and 0 <= c < 2**32 for c in crcs)
+    return tuple(int(c) for c in crcs) if ok else None
 
 
 def _resolve(base: str | None, path: str) -> str:

@@ -66,13 +66,14 @@ def write_shard(
         for volume_id, volume, meta in samples:
             key = sample_key(volume_id)
             arrays = (_npy(volume.image), _npy(volume.mask_code))
-            meta = {**meta, "crc32c": dict(zip(MEMBERS[:2], map(google_crc32c.value, arrays), strict=True))}
-            members = (*arrays, json.dumps(meta).encode())
+            crcs = [google_crc32c.value(a) for a in arrays]
+            members = (*arrays, json.dumps({**meta, "crc32c": dict(zip(MEMBERS[:2], crcs, strict=True))}).encode())
+            crcs.append(google_crc32c.value(members[2]))
             for ext, payload in zip(MEMBERS, members, strict=True):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mode = len(payload), 0o444
                 tar.addfile(info, io.BytesIO(payload))
-            sizes[key] = (sum(len(m) for m in members), [google_crc32c.value(m) for m in members])
+            sizes[key] = (sum(len(m) for m in members), crcs)
     return sizes
 
 
@@ -135,6 +136,8 @@ def raw_samples(path: str | Path) -> Iterator[dict[str, Any]]:
                 sample = {}
             if ext in sample:
                 raise StoreError(f"{path}: member {info.name!r} occurs twice")
+            if not info.isfile():
+                raise StoreError(f"{path}: member {info.name!r} is not a regular file")
             sample["__key__"], sample["__url__"] = key, str(path)
             sample[ext] = tar.extractfile(info).read()
     if sample:

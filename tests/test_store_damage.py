@@ -221,7 +221,18 @@ def test_a_manifest_without_tar_checksums_is_refused_with_what_to_do(store: Path
     write_table(rows.drop(columns=["wds_crc32c"]), store / "old.parquet", meta)
     with pytest.raises(ConfigError, match="no tar sample checksums.*convert the corpus again"):
         PatchDataset(store / "old.parquet", PATCH, store="wds")
-    rows.at[rows.index[VICTIM], "wds_crc32c"] = None
-    write_table(rows, store / "holed.parquet", meta)
-    with pytest.raises(ConfigError, match=r"1 volume\(s\), e\.g\. .* have no wds_crc32c"):
-        PatchDataset(store / "holed.parquet", PATCH, store="wds")
+    for hole in (None, "abc", [1, 2, -3], [1, 2, 2**32], [1.5, 2, 3]):  # a hand-made manifest, not parquet's types
+        holed = rows.assign(wds_crc32c=[hole if i == VICTIM else c for i, c in enumerate(rows["wds_crc32c"])])
+        with pytest.raises(ConfigError, match=r"1 volume\(s\), e\.g\. .* have no wds_crc32c"):
+            PatchDataset(holed, PATCH, store="wds", root=store)
+
+
+def test_a_shard_member_that_is_not_a_file_is_named(tmp_path: Path) -> None:
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("v.image.npy")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(StoreError, match="member 'v.image.npy' is not a regular file"):
+        list(wds_store.raw_samples(shard))

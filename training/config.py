@@ -9,6 +9,7 @@ An unknown key or a value of the wrong type is an error naming it, raised before
 
 from __future__ import annotations
 
+import math
 import tomllib
 import types
 import typing
@@ -62,8 +63,9 @@ class StageConfig:
             raise ConfigError(f"stages.{self.name}.optimizer: expected 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.out_size > self.patch_size:
             raise ConfigError(f"stages.{self.name}: out_size {self.out_size} exceeds patch_size {self.patch_size}")
-        columns = [self.balance_by] if isinstance(self.balance_by, str) else self.balance_by
-        if columns is not None and (not columns or not all(isinstance(c, str) and c for c in columns)):
+        if self.balance_by is not None and not (
+            self.balance_columns and all(c and isinstance(c, str) for c in self.balance_columns)
+        ):
             raise ConfigError(f"stages.{self.name}.balance_by: expected a column name or a list of them, "
                               f"got {self.balance_by!r}")  # fmt: skip
         from training.objectives import objective_options  # here: the objectives import this module
@@ -171,7 +173,7 @@ def check_ranges(where: str, config: Any, **bounds: tuple) -> None:
         open_high = kind and kind[0] in ("open", "right-open")
         below = value <= low if open_low else value < low
         above = high is not None and (value >= high if open_high else value > high)
-        if below or above:
+        if below or above or not math.isfinite(value):  # NaN passes every comparison; inf is never meant
             left, right = "(" if open_low else "[", ")" if open_high or high is None else "]"
             raise ConfigError(f"{where}.{key}: expected a value in {left}{low}, {'inf' if high is None else high}"
                               f"{right}, got {value!r}")  # fmt: skip
