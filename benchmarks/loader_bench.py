@@ -4,8 +4,11 @@
 
 All rows deliver the same thing through a torch DataLoader (batches of 4 x 1 x 160^3: image float16,
 anatomy/deface/valid uint8) from the same volumes (the demo corpus: 19 MNI152-derived heads, converted
-once), one epoch per row, one thread per worker:
-- loader zarr / wds: PatchDataset + make_loader (CPU device), c = crops per volume read;
+once per Zarr codec), one epoch per row, one thread per worker:
+- loader zarr / wds: PatchDataset + make_loader (CPU device), c = crops per volume read; the Zarr store
+  written with lz4 (the default) and with lz4hc;
+- nnssl's own format: the volumes as nnssl writes them (blosc2 float32, ZSTD clevel 8, its block/chunk rule;
+  benchmarks/nnssl_format.py), read and cropped as nnssl's loader does;
 - NIfTI per sample: the preprocessed volume saved as image.nii.gz (float32) + masks.nii.gz (uint8 code),
   read with SimpleITK and cropped, one read per patch (nnU-Net/nnssl style);
 - MONAI on the fly: LoadImaged + Orientationd + Spacingd + NormalizeIntensityd + RandSpatialCropd (after
@@ -13,7 +16,8 @@ once), one epoch per row, one thread per worker:
 Each row runs a warm-up epoch (starting persistent workers) and then measures one epoch: CPU s/patch
 counts every process (main + workers, user + system), bytes read counts their read() syscalls (rchar).
 S3 rows read the same stores from a moto server on loopback, once as is and once with `--latency-ms`
-added to every request; they count bytes from the manifest. Prints one markdown table.
+added to every request; they count bytes from the manifest. A second table gives the floor on the same
+volumes: blosc decode of image + mask code into reused buffers, the CRC-32C of the stored bytes, a copy.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import psutil
 import s3fs
 import SimpleITK as sitk
 import torch
+from nnssl_format import NnsslPatches, decode_floor, write_case
 from torch.utils.data import DataLoader, Dataset
 
 from openmind_tools import zarr_store
@@ -74,23 +79,35 @@ def run(work: Path, latency_ms: float, shard_bytes: int) -> list[dict[str, Any]]
     if not (work / "out" / "manifest.parquet").is_file():
         write_demo_corpus(corpus)
         convert(corpus, work / "out", formats=("zarr", "wds"), shard_bytes=shard_bytes, progress=False)
-    manifest = work / "out" / "manifest.parquet"
+    if not (work / "out_lz4hc" / "manifest.parquet").is_file():
+        convert(corpus, work / "out_lz4hc", formats=("zarr",), codec="lz4hc", progress=False)
+    manifest, lz4hc = work / "out" / "manifest.parquet", work / "out_lz4hc" / "manifest.parquet"
     table = pd.read_parquet(manifest)
-    nifti = export_nifti(table, work)
-    _warm_page_cache([work / "out", work / "nifti", corpus])
+    volumes = [
+        zarr_store.read_volume(str(work / "out" / r.zarr_store), r.id, tuple(r.shape)) for r in table.itertuples()
+    ]
+    nifti = export_nifti(table, volumes, work)
+    nnssl = export_nnssl(table, volumes, work)
+    _warm_page_cache([work / "out", work / "out_lz4hc", work / "nifti", work / "nnssl", corpus])
+    floors = {cname: decode_floor(volumes, *zarr_store.CODECS[cname]) for cname in ("lz4", "lz4hc")}
     rows = []
-    for store in ("zarr", "wds"):  # the pipeline alone: no DataLoader worker, no shared memory
-        dataset = PatchDataset(manifest, PATCH, store=store, crops_per_volume=1, foreground_bias=0.9, prefetch=0)
-        rows.append(ours(f"loader {store}, c=1, in-process", dataset, 0))
+    for name, path, store in (("zarr", manifest, "zarr"), ("zarr lz4hc", lz4hc, "zarr"), ("wds", manifest, "wds")):
+        # the pipeline alone: no DataLoader worker, no shared memory
+        dataset = PatchDataset(path, PATCH, store=store, crops_per_volume=1, foreground_bias=0.9, prefetch=0)
+        rows.append(ours(f"loader {name}, c=1, in-process", dataset, 0))
     for workers in (1, 2):
-        for store, crops in (("zarr", 1), ("zarr", 2), ("wds", 1), ("wds", 2)):
-            dataset = PatchDataset(manifest, PATCH, store=store, crops_per_volume=crops, foreground_bias=0.9)
-            rows.append(ours(f"loader {store}, c={crops}", dataset, workers))
+        for name, path, store, crops in (("zarr", manifest, "zarr", 1), ("zarr", manifest, "zarr", 2),
+                                         ("zarr lz4hc", lz4hc, "zarr", 1), ("wds", manifest, "wds", 1),
+                                         ("wds", manifest, "wds", 2)):  # fmt: skip
+            dataset = PatchDataset(path, PATCH, store=store, crops_per_volume=crops, foreground_bias=0.9)
+            rows.append(ours(f"loader {name}, c={crops}", dataset, workers))
+        rows.append(baseline("nnssl format (blosc2 zstd-8)", NnsslPatches(nnssl), workers))
         rows.append(baseline("NIfTI per sample (SimpleITK)", NiftiPatches(nifti), workers))
         rows.append(
             baseline("MONAI on the fly (source NIfTI)", MonaiPatches(discover(corpus).images), workers, warm=False)
         )
     rows += s3_rows(work / "out", table, latency_ms)
+    print_floor(floors, rows)
     return rows
 
 
@@ -167,11 +184,20 @@ def _warm_page_cache(folders: list[Path]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- baselines
-def export_nifti(table: pd.DataFrame, work: Path) -> list[tuple[Path, Path]]:
+def export_nnssl(table: pd.DataFrame, volumes: list, work: Path) -> list[Path]:
+    """The preprocessed volumes as nnssl writes its cases (three .b2nd files each): the nnssl baseline's input."""
+    folder = work / "nnssl"
+    names = [row.id.replace("/", "__") for row in table.itertuples()]
+    if not (folder / f"{names[-1]}__anon.b2nd").is_file():  # nnssl's writes take ~3.6 s CPU per case
+        for name, volume in zip(names, volumes, strict=True):
+            write_case(folder, name, volume)
+    return [folder / name for name in names]
+
+
+def export_nifti(table: pd.DataFrame, volumes: list, work: Path) -> list[tuple[Path, Path]]:
     """The preprocessed volumes as .nii.gz (image float32, mask code uint8): the per-sample baseline's input."""
     out = []
-    for row in table.itertuples():
-        volume = zarr_store.read_volume(str(work / "out" / row.zarr_store), row.id, tuple(row.shape))
+    for row, volume in zip(table.itertuples(), volumes, strict=True):
         base = work / "nifti" / row.id.replace("/", "__")
         base.parent.mkdir(parents=True, exist_ok=True)
         affine = np.stack(row.affine).astype(float)
@@ -284,6 +310,18 @@ def s3_rows(out: Path, table: pd.DataFrame, latency_ms: float) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- report
+def print_floor(floors: dict[str, dict[str, float]], rows: list[dict]) -> None:
+    """The floor per delivered patch (one crop per read), beside the in-process loader rows of the same run."""
+    print("\n| per 160^3 patch, one thread, one crop per read | CPU ms |\n|---|---:|")
+    for cname, floor in floors.items():
+        print(f"| floor: blosc {cname} decode of image + mask code into reused buffers | {floor['decode']:.2f} |")
+    print(f"| floor: CRC-32C of the stored (lz4) bytes | {floors['lz4']['crc32c']:.2f} |")
+    print(f"| floor: copy of the float16 image | {floors['lz4']['copy']:.2f} |")
+    for row in rows:
+        if row["what"].endswith("in-process"):
+            print(f"| {row['what']} (read + checks + crop + batch) | {row['cpu_ms']:.2f} |")
+
+
 def print_table(rows: list[dict], latency_ms: float) -> None:
     df = pd.DataFrame(rows)
     nifti = df[df["what"].str.startswith("NIfTI")].set_index("workers")["cpu_ms"]

@@ -60,9 +60,7 @@ def write_synthetic_store(count: int, out: str | Path, *, seed: int = 0, small: 
         samples = ((i, v, {"id": i, "settings_hash": SETTINGS_HASH}) for i, v, _ in pending)
         sizes = wds_store.write_shard(out / name, samples)
         for volume_id, _, row in pending:
-            nbytes, crc32c = sizes[wds_store.sample_key(volume_id)]
-            rows.append({**row, "wds_shard": name, "wds_key": wds_store.sample_key(volume_id), "wds_nbytes": nbytes,
-                         "wds_crc32c": crc32c})  # fmt: skip
+            rows.append({**row, **wds_store.manifest_cells(name, volume_id, sizes[wds_store.sample_key(volume_id)])})
         pending.clear()
 
     for i in range(count):
@@ -73,7 +71,7 @@ def write_synthetic_store(count: int, out: str | Path, *, seed: int = 0, small: 
         attrs = {"id": volume_id, "settings_hash": SETTINGS_HASH}
         row = {"id": volume_id, "dataset": dataset, "subject": subject, "modality": MODALITIES[i % len(MODALITIES)],
                "shape": list(shape), "settings_hash": SETTINGS_HASH, "checksum": volume.checksum(),
-               "zarr_store": "store.zarr", "zarr_array": zarr_store.array_path(volume_id),
+               "zarr_store": "store.zarr", "zarr_array": zarr_store.group_path(volume_id),
                "zarr_nbytes": zarr_store.write_volume(out / "store.zarr", volume_id, volume, attrs),
                "age": float(rng.integers(18, 90)), "sex": str(rng.choice(["F", "M"])),
                "image_quality_score": int(rng.integers(1, 6)), "has_anatomy_mask": True}  # fmt: skip

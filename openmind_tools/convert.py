@@ -76,16 +76,22 @@ def convert(
     client: Any = None,
     retry_errors: bool = False,
     progress: bool = True,
+    codec: str = zarr_store.DEFAULT_CODEC,
 ) -> Summary:
-    """Convert `root` into `out`; `client` is a dask.distributed Client (None runs in this process)."""
+    """Convert `root` into `out`; `client` is a dask.distributed Client (None runs in this process).
+
+    `codec` is the Zarr chunks' blosc codec (`zarr_store.CODECS`): lz4 decodes fastest, zstd stores fewest bytes.
+    """
     start = time.perf_counter()
     formats = _check_formats(formats)
     out = Path(out)
     corpus = discover(root, modalities=modalities, limit=limit)
     if shard_bytes < 1:
         raise ConfigError(f"shard_bytes: expected at least 1, got {shard_bytes}")
+    if codec not in zarr_store.CODECS:
+        raise ConfigError(f"codec: expected one of {sorted(zarr_store.CODECS)}, got {codec!r}")
     run = {"root": str(Path(root).resolve()), "modalities": list(modalities) if modalities else None, "limit": limit,
-           "shard_bytes": shard_bytes}  # fmt: skip
+           "shard_bytes": shard_bytes, "codec": codec}  # fmt: skip
     try:
         out.mkdir(parents=True, exist_ok=True)
         with _exclusive(out):
@@ -123,7 +129,7 @@ def _convert_locked(
     todo = [img for img in corpus.images if img.id not in done]
     with _open_journal(out / JOURNAL) as log:
         results = run_tasks(_convert_one, todo, client, progress=progress, what="convert", on_error=_worker_died,
-                            zarr_root=str(zarr_root), settings=settings)  # fmt: skip
+                            zarr_root=str(zarr_root), settings=settings, codec=run["codec"])  # fmt: skip
         for record in results:
             if record["status"] == "machine":  # not the input's fault: nothing journaled, the rerun converts it
                 raise MachineError(f"{record['reason']}; nothing was recorded against {record['id']}, and rerunning "
@@ -153,7 +159,7 @@ def _convert_locked(
     )
 
 
-def _convert_one(image: SourceImage, zarr_root: str, settings: PreprocessSettings) -> dict[str, Any]:
+def _convert_one(image: SourceImage, zarr_root: str, settings: PreprocessSettings, codec: str) -> dict[str, Any]:
     """One volume, on a worker: preprocess, write, and return its journal record (never raises)."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # dask workers are the parallelism
     numcodecs.blosc.set_nthreads(1)
@@ -161,7 +167,8 @@ def _convert_one(image: SourceImage, zarr_root: str, settings: PreprocessSetting
         result = preprocess(image.image, image.anatomy_mask, image.deface_mask, settings)
         record = {"id": image.id, "status": "ok", **result.meta, "settings_hash": settings.digest(),
                   "converter_version": __version__}  # fmt: skip
-        nbytes = zarr_store.write_volume(zarr_root, image.id, result.volume, {k: record[k] for k in _SAMPLE_JSON})
+        attrs = {k: record[k] for k in _SAMPLE_JSON}
+        nbytes = zarr_store.write_volume(zarr_root, image.id, result.volume, attrs, codec)
     except InputError as e:
         return _failure(image, type(e).__name__, str(e))
     except OSError as e:
@@ -232,19 +239,20 @@ def _pack_shards(
             stale.unlink()
     packed_now = run_tasks(_pack_one, jobs, client, progress=progress, what="pack", unit="shard", out=str(out),
                            zarr_root=str(zarr_root))  # fmt: skip
-    for name, ids, nbytes, crc32c in packed_now:
-        packed[name] = {"shard": name, "ids": ids, "nbytes": nbytes, "crc32c": crc32c}
+    for name, ids, samples in packed_now:
+        packed[name] = {"shard": name, "ids": ids, **{field: [getattr(s, field) for s in samples]
+                                                      for field in wds_store.Sample._fields}}  # fmt: skip
         _append(log, packed[name])
 
 
 def _pack_one(
     job: tuple[str, list[tuple[str, tuple[int, int, int], dict[str, Any]]]], out: str, zarr_root: str
-) -> tuple[str, list[str], list[int], list[list[int]]]:
+) -> tuple[str, list[str], list[wds_store.Sample]]:
     numcodecs.blosc.set_nthreads(1)
     name, members = job
     samples = ((vid, zarr_store.read_volume(zarr_root, vid, shape), meta) for vid, shape, meta in members)
     sizes = wds_store.write_shard(Path(out) / name, samples)
-    return name, [vid for vid, _, _ in members], [n for n, _ in sizes.values()], [c for _, c in sizes.values()]
+    return name, [vid for vid, _, _ in members], list(sizes.values())
 
 
 def _worker_died(image: SourceImage, error: Exception) -> dict[str, Any]:
@@ -254,7 +262,7 @@ def _worker_died(image: SourceImage, error: Exception) -> dict[str, Any]:
 @dataclass
 class _Journal:
     volumes: dict[str, dict[str, Any]]
-    shards: dict[str, dict[str, Any]]  # shard name -> {"ids": [...], "nbytes": [...], "crc32c": [[...], ...]}
+    shards: dict[str, dict[str, Any]]  # shard name -> {"ids": [...], and per id each field of wds_store.Sample}
 
 
 def _read_journal(path: Path) -> _Journal:
@@ -309,11 +317,11 @@ def _claim(out: Path, settings: PreprocessSettings, formats: tuple[str, ...], in
     path = out / RUN_FILE
     if path.is_file():
         previous = json.loads(path.read_text())
-        if previous["settings"] != run["settings"] or previous["formats"] != run["formats"]:
-            raise ConfigError(
-                f"{out} holds a conversion with settings {previous['settings']} and formats {previous['formats']}; "
-                f"this run asks for {run['settings']} and {run['formats']}: use another output folder"
-            )
+        kept = ("settings", "formats", "codec")
+        if any(previous.get(k) != run[k] for k in kept):
+            was, now = ({k: r.get(k) for k in kept} for r in (previous, run))
+            raise ConfigError(f"{out} holds a conversion with {was}; this run asks for {now}: use another output "
+                              "folder")  # fmt: skip
         if previous.get("converter_version") != __version__:  # another store layout: mixing would break reads
             raise ConfigError(
                 f"{out} was written by converter {previous.get('converter_version')}, this is {__version__}: "
@@ -344,20 +352,18 @@ def _manifest(
     ours.insert(4, "source_path", [str(images[i].image.relative_to(corpus.root)) for i in ours["id"]])
     if "zarr" in formats:
         ours["zarr_store"] = ZARR_DIR
-        ours["zarr_array"] = [zarr_store.array_path(i) for i in ours["id"]]
+        ours["zarr_array"] = [zarr_store.group_path(i) for i in ours["id"]]
     else:
         ours = ours.drop(columns=["zarr_nbytes"], errors="ignore")
     if "wds" in formats:
-        where = {
-            vid: (name, n, crc)
+        cells = {
+            vid: wds_store.manifest_cells(name, vid, wds_store.Sample(*values))
             for name, entry in shards.items()
             if (out / name).is_file()
-            for vid, n, crc in zip(entry["ids"], entry["nbytes"], entry["crc32c"], strict=True)
+            for vid, *values in zip(entry["ids"], *(entry[f] for f in wds_store.Sample._fields), strict=True)
         }
-        ours["wds_shard"] = [where[i][0] for i in ours["id"]]
-        ours["wds_key"] = [wds_store.sample_key(i) for i in ours["id"]]
-        ours["wds_nbytes"] = [where[i][1] for i in ours["id"]]
-        ours["wds_crc32c"] = [where[i][2] for i in ours["id"]]
+        wds = pd.DataFrame([cells[i] for i in ours["id"]], index=ours.index)
+        ours = pd.concat([ours.drop(columns=wds.columns, errors="ignore"), wds], axis=1)
     csv = corpus.table.loc[ours["id"]].reset_index(drop=True)
     csv = csv.rename(columns={c: f"csv_{c}" for c in csv.columns if c in ours.columns})
     return pd.concat([ours.reset_index(drop=True), csv], axis=1).sort_values("id", ignore_index=True)

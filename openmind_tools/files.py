@@ -16,7 +16,7 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from openmind_tools.errors import MachineError
 
@@ -68,19 +68,6 @@ def file_problem(path: str | Path) -> str | None:
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
         return f"not a regular file ({kind})"
     return None
-
-
-def unreadable_object(fs: Any, url: str) -> str | None:
-    """Why a store object on local disk is no regular file (a FIFO would block the read forever), else None.
-
-    Remote objects and absent ones pass: the read itself reports those (with its retries and its message).
-    """
-    from fsspec.implementations.local import LocalFileSystem
-
-    if not isinstance(fs, LocalFileSystem):
-        return None
-    problem = file_problem(fs._strip_protocol(url))
-    return None if problem == "file not found" else problem
 
 
 def machine_error(error: BaseException, doing: str) -> MachineError | None:

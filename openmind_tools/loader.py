@@ -10,9 +10,9 @@ copies each batch to the device on a side CUDA stream one batch ahead. docs: not
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -20,39 +20,33 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-import fsspec
 import numcodecs
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from openmind_tools import zarr_store
+from openmind_tools import wds_store, zarr_store
 from openmind_tools.errors import ConfigError, StoreError
 from openmind_tools.loader_stages import (
-    SHUFFLE_STREAM,
-    VolumeRef,
     balanced,
     batches,
     crop_volumes,
-    decode_samples,
-    in_background,
-    raw_nbytes,
     read_volumes,
     replace_failures,
-    shard_samples,
-    shuffle_by_bytes,
     shuffled,
     split_by_rank,
     split_by_worker,
     unpack_masks,
-    with_retries,
     wrap_to_multiple,
 )
 from openmind_tools.manifest import balance_weights, resolve_manifest
-from openmind_tools.volume import Volume
+from openmind_tools.reads import Reader
+from openmind_tools.volume import Volume, VolumeRef
 
-STORES = ("zarr", "wds")
+# Each store module offers the same few names: NAME, MANIFEST_COLUMNS, locate (a manifest row -> where its sample
+# lives), check (once per dataset, before any epoch) and read (one VolumeRef -> a checked Volume).
+STORES = {store.NAME: store for store in (zarr_store, wds_store)}
 ON_ERROR = ("raise", "skip")
 STATE_FORMAT = "openmind-loader/1"
 
@@ -65,9 +59,10 @@ class PatchDataset(IterableDataset):
     (modality=, preset=, min_quality=, where=, ...) select from it as `manifest.query` does. `root` is
     the folder relative store paths resolve against (default: the manifest's folder; needed for a
     DataFrame built by hand). `storage_options` reach fsspec, e.g. {"endpoint_url": ...} for S3-compatible
-    storage. `on_error="skip"` replaces an unreadable volume (see `replace_failures`) instead of stopping.
-    `shuffle_bytes` bounds each worker's tar-sample shuffle buffer; `prefetch` is the number of volumes
-    each worker reads ahead on threads. `rank`/`world_size` default to torchrun's environment.
+    storage (for a chained URL such as `simplecache::s3://...`, key them by protocol: {"s3": {...}}).
+    `on_error="skip"` replaces an unreadable volume (see `replace_failures`) instead of stopping.
+    `prefetch` is the number of volumes each worker reads ahead on threads; `attempts` and `backoff_s` are the
+    tries per object read and the first wait between them. `rank`/`world_size` default to torchrun's environment.
     `metadata` names manifest columns to put on every batch as batch["metadata"][column], a (B,) tensor: a
     column whose present values are all numbers is float32 with NaN where missing; any other is categorical,
     int64 codes into `self.categories[column]` (its sorted distinct values; -1 where missing).
@@ -89,7 +84,6 @@ class PatchDataset(IterableDataset):
         root: str | Path | None = None,
         storage_options: dict[str, Any] | None = None,
         on_error: str = "raise",
-        shuffle_bytes: int = 512 * 2**20,  # ~40 preprocessed 1 mm heads as uncompressed tar samples
         prefetch: int = 2,
         attempts: int = 4,  # tries per object before a transient error counts as a read failure
         backoff_s: float = 0.2,  # first wait between tries; doubles each time
@@ -109,11 +103,11 @@ class PatchDataset(IterableDataset):
             raise ConfigError(f"crops_per_volume: expected at least 1, got {crops_per_volume}")
         if not 0.0 <= foreground_bias <= 1.0:
             raise ConfigError(f"foreground_bias: expected a probability in [0, 1], got {foreground_bias}")
-        if attempts < 1 or prefetch < 0 or shuffle_bytes < 0:
-            raise ConfigError(f"attempts >= 1, prefetch >= 0, shuffle_bytes >= 0 expected, got {attempts}, "
-                              f"{prefetch}, {shuffle_bytes}")  # fmt: skip
+        if attempts < 1 or prefetch < 0 or not backoff_s >= 0:
+            raise ConfigError(f"attempts >= 1, prefetch >= 0, backoff_s >= 0 expected, got {attempts}, {prefetch}, "
+                              f"{backoff_s}")  # fmt: skip
         self.store, self.crops_per_volume, self.foreground_bias = store, crops_per_volume, foreground_bias
-        self.seed, self.on_error, self.shuffle_bytes, self.prefetch = seed, on_error, shuffle_bytes, prefetch
+        self.seed, self.on_error, self.prefetch = seed, on_error, prefetch
         self.attempts, self.backoff_s = attempts, backoff_s
         self.storage_options = dict(storage_options or {})
         self.rank, self.world_size = _distributed(rank, world_size)
@@ -124,12 +118,10 @@ class PatchDataset(IterableDataset):
         rows = rows.sort_values("id", kind="stable")  # the order of self.volumes
         self.metadata = tuple(metadata)
         self.categories, values = typed_metadata(rows, self.metadata)
-        self.volumes = _volume_refs(rows, store, None if base is None else base.rstrip("/"), values)
+        self.volumes = _volume_refs(rows, STORES[store], None if base is None else base.rstrip("/"), values)
         self.balance_by = (balance_by,) if isinstance(balance_by, str) else tuple(balance_by)
         self._weights = balance_weights(rows, self.balance_by) if self.balance_by else None
-        self.protocol = fsspec.core.split_protocol(_first_url(self.volumes[0]))[0] or "file"
-        if store == "zarr":
-            self._check_zarr_stores()
+        STORES[store].check(self.volumes, self._reader(), self.settings_hash)
         # (epoch, batches already consumed, batch size) where the next iteration starts: written by the main
         # process before it iterates (set_position), read by every worker as it starts; shared memory, so
         # persistent workers see updates.
@@ -199,28 +191,19 @@ class PatchDataset(IterableDataset):
         volumes = self.volumes
         if self._weights is not None:
             volumes = balanced(volumes, weights=self._weights, seed=self.seed, epoch=epoch)
-        volumes = shuffled(volumes, seed=self.seed, epoch=epoch, by_shard=self.store == "wds")
+        volumes = shuffled(volumes, seed=self.seed, epoch=epoch)
         volumes = wrap_to_multiple(volumes, multiple=self.world_size * num_workers)
         rank_volumes = list(split_by_rank(volumes, rank=self.rank, world_size=self.world_size))
         volumes = list(split_by_worker(rank_volumes, worker=worker, num_workers=num_workers))
-        fs = fsspec.filesystem(self.protocol, **self.storage_options)  # opened here, in the worker
+        read = self._read_function()  # its reader is opened here, in the worker
         reads, partial = divmod(skip, self.crops_per_volume)
 
         def spares() -> Iterator[tuple[VolumeRef, Volume | StoreError]]:  # read only if all of `volumes` fail
             mine = {v.id for v in volumes}
-            return self._read_in_order([v for v in rank_volumes if v.id not in mine], fs)
+            return self._read_in_order([v for v in rank_volumes if v.id not in mine], read)
 
-        if self.store == "zarr":
-            slots = itertools.islice(enumerate(volumes), reads, None)
-            loaded = read_volumes(
-                slots, fs=fs, prefetch=self.prefetch, attempts=self.attempts, backoff_s=self.backoff_s
-            )
-        else:
-            raw = shard_samples(volumes, fs=fs, attempts=self.attempts, backoff_s=self.backoff_s)
-            raw = in_background(raw, depth=max(self.prefetch, 1))
-            rng = np.random.default_rng([self.seed, epoch, self.rank, worker, SHUFFLE_STREAM])
-            raw = shuffle_by_bytes(raw, max_bytes=self.shuffle_bytes, nbytes=raw_nbytes, rng=rng)
-            loaded = decode_samples(itertools.islice(enumerate(raw), reads, None), settings_hash=self.settings_hash)
+        slots = itertools.islice(enumerate(volumes), reads, None)  # a resumed epoch reads nothing it skips
+        loaded = read_volumes(slots, read=read, prefetch=self.prefetch)
         crops = crop_volumes(
             replace_failures(loaded, on_error=self.on_error, spares=spares),
             patch_size=self.patch_size,
@@ -245,54 +228,19 @@ class PatchDataset(IterableDataset):
         The same stores, reads and checks as an epoch, without its shuffle, padding or split by rank and
         worker. A volume that cannot be read comes out as its StoreError, for the caller to count.
         """
-        return self._read_in_order(self.volumes, fsspec.filesystem(self.protocol, **self.storage_options))
+        return self._read_in_order(self.volumes, self._read_function())
 
-    def _read_in_order(
-        self, volumes: list[VolumeRef], fs: fsspec.AbstractFileSystem
-    ) -> Iterator[tuple[VolumeRef, Volume | StoreError]]:
-        if self.store == "zarr":
-            loaded = read_volumes(
-                enumerate(volumes), fs=fs, prefetch=self.prefetch, attempts=self.attempts, backoff_s=self.backoff_s
-            )
-        else:
-            in_shard_order = sorted(volumes, key=lambda v: v.shard)  # one pass per shard
-            raw = shard_samples(in_shard_order, fs=fs, attempts=self.attempts, backoff_s=self.backoff_s)
-            loaded = decode_samples(enumerate(raw), settings_hash=self.settings_hash)
-        for _, ref, volume in loaded:
+    def _read_in_order(self, volumes: list[VolumeRef], read: Any) -> Iterator[tuple[VolumeRef, Volume | StoreError]]:
+        for _, ref, volume in read_volumes(enumerate(volumes), read=read, prefetch=self.prefetch):
             yield ref, volume
 
-    # ------------------------------------------------------------------------------------------ checks
-    def _check_zarr_stores(self) -> None:
-        """Refuse a store written with other settings than the manifest says: read the attributes of
-        one array per store (one small GET; checking all 114k would double the requests of an epoch)."""
-        fs = fsspec.filesystem(self.protocol, **self.storage_options)
-        firsts: dict[str, VolumeRef] = {}
-        for volume in self.volumes:
-            firsts.setdefault(volume.zarr_root, volume)
-        for root, volume in firsts.items():
-            url = f"{root}/{zarr_store.array_path(volume.id)}/zarr.json"
-            try:
-                raw = with_retries(
-                    lambda u=url: fs.cat_file(u), attempts=self.attempts, backoff_s=self.backoff_s, what=url
-                )
-            except FileNotFoundError:
-                raise StoreError(
-                    f"volume {volume.id}: no array metadata at {url} (is {root} the right store?)"
-                ) from None
-            try:
-                attributes = json.loads(raw).get("attributes", {})
-                found, store_format = attributes.get("settings_hash"), attributes.get("store_format")
-            except (ValueError, AttributeError):
-                raise StoreError(f"volume {volume.id}: {url} is not zarr array metadata (damaged?)") from None
-            if store_format != zarr_store.STORE_FORMAT:
-                raise StoreError(f"store {root} has store format {store_format or 'openmind-zarr/1'} (array of "
-                                 f"{volume.id}); this loader reads {zarr_store.STORE_FORMAT}, whose chunks carry "
-                                 "checksums: convert the corpus again with this openmind-convert")  # fmt: skip
-            if self.settings_hash is not None and found != self.settings_hash:
-                raise StoreError(
-                    f"store {root} was written with settings_hash {found} (array of {volume.id}), but the "
-                    f"manifest says {self.settings_hash}: the store and manifest come from different conversions"
-                )
+    def _reader(self) -> Reader:
+        return Reader.for_url(self.volumes[0].url, self.storage_options, attempts=self.attempts,
+                              backoff_s=self.backoff_s)  # fmt: skip
+
+    def _read_function(self) -> Any:
+        """The store's `read` of one VolumeRef, bound to a new reader and the manifest's settings hash."""
+        return functools.partial(STORES[self.store].read, reader=self._reader(), settings_hash=self.settings_hash)
 
 
 class PatchLoader:
@@ -463,55 +411,35 @@ def typed_metadata(rows: pd.DataFrame, columns: tuple[str, ...]) -> tuple[dict[s
     return categories, [tuple(v.item() for v in row) for row in zip(*typed, strict=True)] if typed else []
 
 
-def _volume_refs(rows: pd.DataFrame, store: str, base: str | None, metadata: list[tuple]) -> list[VolumeRef]:
-    needed = ["id", "shape", *(("zarr_store",) if store == "zarr" else ("wds_shard", "wds_key"))]
-    absent = [c for c in needed if c not in rows]
-    if store == "wds" and not absent and "wds_crc32c" not in rows:
-        raise ConfigError("the manifest records no tar sample checksums (wds_crc32c; written by a converter before "
-                          "0.3): convert the corpus again with this openmind-convert")  # fmt: skip
+def _volume_refs(rows: pd.DataFrame, store: Any, base: str | None, metadata: list[tuple]) -> list[VolumeRef]:
+    """One VolumeRef per row, where `store` (a module of STORES) says the row's sample lives."""
+    absent = [c for c in ("id", "shape", *store.MANIFEST_COLUMNS) if c not in rows]
+    if absent and store.MANIFEST_COLUMNS[0] in rows:
+        raise ConfigError(f"the manifest has no column(s) {absent}, which this loader needs for store={store.NAME!r}: "
+                          "it was written by an older openmind-convert; convert the corpus again")  # fmt: skip
     if absent:
-        raise ConfigError(f"the manifest has no column(s) {absent} needed for store={store!r} "
-                          f"(was it converted with formats including {store!r}?)")  # fmt: skip
+        raise ConfigError(f"the manifest has no column(s) {absent} needed for store={store.NAME!r} "
+                          f"(was it converted with formats including {store.NAME!r}?)")  # fmt: skip
     if len(rows) == 0:
         raise ConfigError("the manifest (after the query) selects no volumes")
-    where = rows["zarr_store"] if store == "zarr" else rows["wds_shard"]
+    where = rows[store.MANIFEST_COLUMNS[0]]
     if where.isna().any():
         first = rows.loc[where.isna(), "id"].iloc[0]
-        raise ConfigError(f"{int(where.isna().sum())} volume(s), e.g. {first}, have no {store} store in the manifest")
-    crcs = [_member_crcs(c) for c in rows["wds_crc32c"]] if store == "wds" else [None] * len(rows)
-    if store == "wds" and None in crcs:
-        bad = [c is None for c in crcs]
-        raise ConfigError(f"{sum(bad)} volume(s), e.g. {rows.loc[bad, 'id'].iloc[0]}, have no wds_crc32c (3 member "
-                          "checksums, each a 32-bit integer) in the manifest")  # fmt: skip
-    volumes = []
+        raise ConfigError(f"{int(where.isna().sum())} volume(s), e.g. {first}, have no {store.NAME} store in the "
+                          "manifest")  # fmt: skip
     urls: dict[str, str] = {}  # one string per store or shard, shared by its volumes' refs
+
+    def resolve(path: str) -> str:
+        if path not in urls:
+            urls[path] = _resolve(base, path)
+        return urls[path]
+
+    volumes = []
     for i, row in enumerate(rows.itertuples(index=False)):
-        where = row.zarr_store if store == "zarr" else row.wds_shard
-        if where not in urls:
-            urls[where] = _resolve(base, where)
-        url = urls[where]
-        volumes.append(
-            VolumeRef(
-                id=row.id,
-                shape=tuple(int(s) for s in row.shape),
-                zarr_root=url if store == "zarr" else None,
-                shard=url if store == "wds" else None,
-                key=row.wds_key if store == "wds" else None,
-                crc32c=crcs[i],
-                metadata=metadata[i] if metadata else (),
-            )
-        )
+        url, span, crc32c = store.locate(row, resolve)
+        shape = tuple(int(s) for s in row.shape)
+        volumes.append(VolumeRef(row.id, shape, url, span, crc32c, metadata[i] if metadata else ()))
     return volumes
-
-
-def _member_crcs(value: Any) -> tuple[int, int, int] | None:
-    """A manifest cell's three member CRC-32Cs, or None if it is not three integers in [0, 2^32)."""
-    try:
-        crcs = tuple(value)
-    except TypeError:
-        return None
-    ok = len(crcs) == 3 and all(isinstance(c, int | np.integer) and 0 <= c < 2**32 for c in crcs)
-    return tuple(int(c) for c in crcs) if ok else None
 
 
 def _resolve(base: str | None, path: str) -> str:
@@ -520,10 +448,6 @@ def _resolve(base: str | None, path: str) -> str:
     if base is None:
         raise ConfigError(f"store path {path!r} is relative: pass root= (the folder the manifest was written to)")
     return f"{base}/{path}".rstrip("/")
-
-
-def _first_url(volume: VolumeRef) -> str:
-    return volume.zarr_root or volume.shard or ""
 
 
 def _digest(ids: Iterator[str]) -> str:

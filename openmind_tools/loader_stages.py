@@ -1,10 +1,12 @@
 """The stages of the patch loader: module-level generators that each do one step of an epoch.
 
 A stage is `stage(src, *, ...) -> Iterator`, so it pickles for `spawn` workers and is testable with a
-list: volumes -> epoch order -> padded -> split by rank -> split by worker -> read (zarr) or stream (tar
-shards -> byte-bounded shuffle -> decode) -> failures replaced -> crops -> batches. Every random draw
-comes from a generator seeded by (seed, epoch, rank, worker, position); never time, pid or hash(str).
-A batch holds (B, 1, P, P, P) image float16 (0 outside the volume) and a uint8 mask code (see `batches`).
+list: volumes -> (balanced draws) -> epoch order -> padded -> split by rank -> split by worker -> read (the
+store's own `read`, a few volumes ahead on threads) -> failures replaced -> crops -> batches. Both stores
+read one volume at a time by its own objects or byte span, so the plan is the same for both and a resumed
+epoch reads nothing it skips. Every random draw comes from a generator seeded by (seed, epoch, rank, worker,
+position); never time, pid or hash(str). A batch holds (B, 1, P, P, P) image float16 (0 outside the volume)
+and a uint8 mask code (see `batches`).
 """
 
 from __future__ import annotations
@@ -12,73 +14,36 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import queue
-import tarfile
-import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import fsspec
 import numpy as np
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from openmind_tools import wds_store, zarr_store
-from openmind_tools.errors import StoreError
-from openmind_tools.files import unreadable_object
-from openmind_tools.volume import Volume
+from openmind_tools.errors import ConfigError, StoreError
+from openmind_tools.volume import Volume, VolumeRef
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# Not worth a retry: the object is not there (or not ours to read), or it is there and wrong.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StoreError)
 _FOREGROUND_TRIES = 64  # uniform candidate voxels drawn before falling back to listing the anatomy
 # Last entropy word of a worker's generators, so the streams differ (numpy pads short seeds with zeros,
 # so a bare trailing index could collide with a shorter seed).
-CROP_STREAM, SHUFFLE_STREAM, BALANCE_STREAM = 1, 2, 3
+CROP_STREAM, BALANCE_STREAM = 1, 3
 MASK_BITS = {"anatomy": 0, "deface": 1, "valid": 2}  # bits of a batch's "masks" code
 
 
-@dataclass(frozen=True, slots=True)
-class VolumeRef:
-    """Where one manifest row's sample lives; small and picklable, built once in the main process.
-
-    Every DataLoader worker holds one per volume of the selection: slots and shared store URLs keep it
-    at ~255 bytes each (365 without), ~30 MB per worker at 114k volumes.
-    """
-
-    id: str
-    shape: tuple[int, int, int]
-    zarr_root: str | None  # URL of the Zarr store that holds the volume
-    shard: str | None  # URL of the tar shard that holds the sample
-    key: str | None  # the sample's key inside the shard
-    crc32c: tuple[int, int, int] | None = None  # the tar sample's member checksums (image, mask, json)
-    metadata: tuple[float | int, ...] = ()  # the requested manifest columns, typed (see PatchDataset)
-
-
 # ---------------------------------------------------------------------------------------------- planning
-def shuffled(volumes: Iterable[VolumeRef], *, seed: int, epoch: int, by_shard: bool) -> Iterator[VolumeRef]:
-    """The epoch's order, the same on every rank: a permutation of volumes, or of shards for tar streams.
+def shuffled(volumes: Iterable[VolumeRef], *, seed: int, epoch: int) -> Iterator[VolumeRef]:
+    """The epoch's order, the same on every rank: a permutation of the volumes.
 
-    Tar shards are read front to back, so their order is permuted as wholes (volumes keep their order
-    inside a shard) and the byte-bounded shuffle buffer mixes samples later.
+    Tar samples too are read by their own byte spans, so no shard is read front to back and no shuffle
+    buffer is needed to mix them (it held ~512 MB per worker).
     """
     volumes = list(volumes)
-    rng = np.random.default_rng([seed, epoch])
-    if not by_shard:
-        yield from (volumes[i] for i in rng.permutation(len(volumes)))
-        return
-    shards: dict[str | None, list[VolumeRef]] = {}
-    for volume in volumes:
-        shards.setdefault(volume.shard, []).append(volume)
-    groups = list(shards.values())
-    for i in rng.permutation(len(groups)):
-        yield from groups[i]
+    yield from (volumes[i] for i in np.random.default_rng([seed, epoch]).permutation(len(volumes)))
 
 
 def balanced(volumes: Sequence[VolumeRef], *, weights: np.ndarray, seed: int, epoch: int) -> list[VolumeRef]:
@@ -106,7 +71,7 @@ def wrap_to_multiple(volumes: Iterable[VolumeRef], *, multiple: int) -> Iterator
 
 
 def split_by_rank(volumes: Iterable[T], *, rank: int, world_size: int) -> Iterator[T]:
-    """This rank's contiguous block: contiguous keeps a tar shard on as few ranks as possible."""
+    """This rank's contiguous block of the epoch's order."""
     yield from _block(list(volumes), rank, world_size, "rank")
 
 
@@ -123,44 +88,19 @@ def _block(items: Sequence[T], part: int, parts: int, what: str) -> Sequence[T]:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def with_retries(fn: Callable[[], T], *, attempts: int, backoff_s: float, what: str) -> T:
-    """Call `fn`, retrying transient I/O errors (connection reset, timeout, 5xx) with doubling waits.
-
-    A missing or corrupt object is not transient: it raises at once.
-    """
-    failures = 0
-    while True:
-        try:
-            return fn()
-        except _PERMANENT:
-            raise
-        except (OSError, TimeoutError) as e:
-            failures += 1
-            if failures >= attempts:
-                raise
-            wait = backoff_s * 2 ** (failures - 1)
-            log.warning("%s: %s: %s; retry %d of %d in %.2f s", what, type(e).__name__, e, failures, attempts - 1, wait)
-            time.sleep(wait)
-
-
 def read_volumes(
-    slots: Iterable[tuple[int, VolumeRef]],
-    *,
-    fs: fsspec.AbstractFileSystem,
-    prefetch: int,
-    attempts: int,
-    backoff_s: float,
+    slots: Iterable[tuple[int, VolumeRef]], *, read: Callable[[VolumeRef], Volume], prefetch: int
 ) -> Iterator[tuple[int, VolumeRef, Volume | StoreError]]:
-    """Read Zarr volumes in order, `prefetch` of them ahead on threads (fetch and blosc both drop the GIL).
-
-    Object-store latency (tens of ms per GET) is hidden behind the crops of the volumes already here.
-    A failed read comes out as a StoreError value so the next stage applies the error policy.
+    """Read volumes in order with `read` (a store's), `prefetch` of them ahead on threads (fetch, CRC and blosc
+    drop the GIL), so object-store latency (tens of ms per GET) hides behind the crops of the volumes already
+    here. A failed read comes out as a StoreError value so the next stage applies the error policy; a
+    ConfigError (the store and manifest disagree on settings) stops the epoch.
     """
     pool = ThreadPoolExecutor(max(prefetch, 1), thread_name_prefix="volume-read")
     window: deque[tuple[int, VolumeRef, Future[Volume]]] = deque()
     try:
         for position, ref in slots:
-            window.append((position, ref, pool.submit(_read_zarr, ref, fs, attempts, backoff_s)))
+            window.append((position, ref, pool.submit(read, ref)))
             if len(window) > prefetch:
                 yield _resolved(*window.popleft())
         while window:
@@ -169,142 +109,15 @@ def read_volumes(
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _read_zarr(ref: VolumeRef, fs: fsspec.AbstractFileSystem, attempts: int, backoff_s: float) -> Volume:
-    what = f"volume {ref.id} in {ref.zarr_root}"
-    return with_retries(
-        lambda: zarr_store.read_volume(ref.zarr_root, ref.id, ref.shape, fs=fs),
-        attempts=attempts,
-        backoff_s=backoff_s,
-        what=what,
-    )
-
-
 def _resolved(position: int, ref: VolumeRef, future: Future[Volume]) -> tuple[int, VolumeRef, Volume | StoreError]:
     try:
         return position, ref, future.result()
+    except ConfigError:
+        raise
     except StoreError as e:
         return position, ref, e
     except Exception as e:
-        return position, ref, StoreError(f"volume {ref.id} in {ref.zarr_root}: {type(e).__name__}: {e}")
-
-
-def shard_samples(
-    volumes: Iterable[VolumeRef], *, fs: fsspec.AbstractFileSystem, attempts: int, backoff_s: float
-) -> Iterator[tuple[VolumeRef, dict[str, Any] | StoreError]]:
-    """Stream the raw (undecoded) samples of `volumes` from their tar shards, in tar order.
-
-    Consecutive volumes of one shard are served by one pass over it that keeps only their keys and
-    stops once it has them all, so a worker whose block starts or ends inside a shard reads only up to
-    what it needs (and, with fewer shards than workers, each worker reads the shard up to its block).
-    A key the shard lacks comes out as a StoreError naming the volume id and the shard.
-    """
-    pending: list[VolumeRef] = []
-    for volume in volumes:
-        if pending and volume.shard != pending[0].shard:
-            yield from _one_shard(pending, fs, attempts, backoff_s)
-            pending = []
-        pending.append(volume)
-    if pending:
-        yield from _one_shard(pending, fs, attempts, backoff_s)
-
-
-def _one_shard(
-    volumes: list[VolumeRef], fs: fsspec.AbstractFileSystem, attempts: int, backoff_s: float
-) -> Iterator[tuple[VolumeRef, dict[str, Any] | StoreError]]:
-    url = volumes[0].shard
-    problem = unreadable_object(fs, url)
-    if problem is not None:
-        for volume in volumes:
-            yield volume, StoreError(f"volume {volume.id}: shard {url}: {problem}")
-        return
-    wanted: dict[str, list[VolumeRef]] = {}
-    for volume in volumes:
-        wanted.setdefault(volume.key, []).append(volume)
-    try:
-        stream = with_retries(
-            lambda: fs.open(url, "rb", block_size=16 * 2**20, cache_type="readahead"),
-            attempts=attempts,
-            backoff_s=backoff_s,
-            what=f"shard {url}",
-        )
-    except OSError as e:
-        for volume in volumes:
-            yield volume, StoreError(f"volume {volume.id}: cannot open shard {url}: {type(e).__name__}: {e}")
-        return
-    broken = None
-    with stream:
-        try:
-            for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-                for volume in wanted.pop(sample["__key__"], ()):
-                    yield volume, sample
-                if not wanted:
-                    break
-        except (OSError, tarfile.TarError, ValueError) as e:  # cut short, or a member name twice: the rest is lost
-            broken = f"{type(e).__name__}: {e}"
-    for missing in wanted.values():
-        for volume in missing:
-            where = f"shard {url} broke off before it ({broken})" if broken else f"no such key in shard {url}"
-            yield volume, StoreError(f"volume {volume.id} (key {volume.key!r}): {where}")
-
-
-def shuffle_by_bytes(
-    items: Iterable[T], *, max_bytes: int, nbytes: Callable[[T], int], rng: np.random.Generator
-) -> Iterator[T]:
-    """Shuffle a stream through a buffer bounded in bytes (volumes differ ~30x in size; counts mislead).
-
-    The buffer holds at most `max_bytes` plus one item; when full it yields a random item to make room.
-    """
-    buffer: list[T] = []
-    held = 0
-    for item in items:
-        buffer.append(item)
-        held += nbytes(item)
-        while held > max_bytes and buffer:
-            i = int(rng.integers(len(buffer)))
-            buffer[i], buffer[-1] = buffer[-1], buffer[i]
-            out = buffer.pop()
-            held -= nbytes(out)
-            yield out
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def raw_nbytes(item: tuple[VolumeRef, dict[str, Any] | StoreError]) -> int:
-    _, sample = item
-    return 0 if isinstance(sample, StoreError) else sum(len(v) for v in sample.values() if isinstance(v, bytes))
-
-
-def decode_samples(
-    slots: Iterable[tuple[int, tuple[VolumeRef, dict[str, Any] | StoreError]]], *, settings_hash: str | None
-) -> Iterator[tuple[int, VolumeRef, Volume | StoreError]]:
-    """Decode raw tar samples (after the shuffle buffer, so the buffer holds compact bytes) and check them.
-
-    A sample whose arrays do not match the manifest (shape, dtype, finite voxels; `wds_store.decode_sample`)
-    comes out as a StoreError naming the volume; one whose json names another id, or another settings hash
-    than the manifest's, is refused.
-    """
-    for position, (ref, sample) in slots:
-        if isinstance(sample, StoreError):
-            yield position, ref, sample
-            continue
-        try:
-            volume_id, volume, meta = wds_store.decode_sample(sample, ref.shape, ref.crc32c)
-        except StoreError as e:
-            yield position, ref, StoreError(f"volume {ref.id}: {e}")
-            continue
-        except Exception as e:
-            yield position, ref, StoreError(f"volume {ref.id} in {ref.shard}: {type(e).__name__}: {e}")
-            continue
-        found = meta.get("settings_hash")
-        if settings_hash is not None and found is not None and found != settings_hash:
-            raise StoreError(
-                f"volume {ref.id} in {ref.shard} was written with settings_hash {found}, but the manifest "
-                f"says {settings_hash}: the store and manifest come from different conversions"
-            )
-        if volume_id != ref.id:
-            yield position, ref, StoreError(f"sample {ref.key!r} in {ref.shard} holds volume {volume_id}, not {ref.id}")
-            continue
-        yield position, ref, volume
+        return position, ref, StoreError(f"volume {ref.id} in {ref.url}: {type(e).__name__}: {e}")
 
 
 def replace_failures(
@@ -411,10 +224,10 @@ def _anatomy_voxel(code: np.ndarray, rng: np.random.Generator) -> np.ndarray | N
     so most draws hit), then the full list for a sparse mask; None if the mask is empty."""
     flat = code.reshape(-1)
     candidates = rng.integers(flat.size, size=_FOREGROUND_TRIES)
-    hits = candidates[flat[candidates].astype(np.uint8) & 1 != 0]
+    hits = candidates[flat[candidates] & 1 != 0]
     if hits.size:
         return np.array(np.unravel_index(hits[0], code.shape))
-    inside = np.flatnonzero(flat.astype(np.uint8) & 1)
+    inside = np.flatnonzero(flat & 1)
     if inside.size == 0:
         return None
     return np.array(np.unravel_index(inside[rng.integers(inside.size)], code.shape))
@@ -445,9 +258,7 @@ def batches(
             src, dst = _overlap(origin, patch_size, volume.image.shape)
             image_out, masks_out = image[i, 0].numpy(), masks[i, 0].numpy()
             image_out[dst] = volume.image[src]
-            code = masks[i, 0][dst]
-            code.copy_(torch.from_numpy(volume.code[src]))  # float16 -> uint8 (0..3 exact): 2x faster in torch
-            code |= 1 << MASK_BITS["valid"]
+            np.bitwise_or(volume.code[src], 1 << MASK_BITS["valid"], out=masks_out[dst])
             _zero_outside(image_out, dst)
             _zero_outside(masks_out, dst)
         yield {
@@ -495,49 +306,3 @@ def _zero_outside(out: np.ndarray, box: tuple[slice, ...]) -> None:
         before[axis], after[axis] = slice(0, part.start), slice(part.stop, None)
         out[tuple(before)] = 0
         out[tuple(after)] = 0
-
-
-# ---------------------------------------------------------------------------------------------- threads
-def in_background(items: Iterable[T], *, depth: int) -> Iterator[T]:
-    """Run an iterator on a thread, `depth` items ahead, so network reads overlap decoding and cropping.
-
-    Order is kept; an error on the thread is raised here; closing this generator stops the thread.
-    """
-    buffer: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max(depth, 1))
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not _put(buffer, ("item", item), stop):
-                    return
-            _put(buffer, ("end", None), stop)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            _put(buffer, ("error", e), stop)
-        finally:
-            if hasattr(items, "close"):  # a generator stopped early: close its files on this thread
-                items.close()
-
-    thread = threading.Thread(target=produce, name="shard-read", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = buffer.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        thread.join()
-
-
-def _put(buffer: queue.Queue, entry: tuple[str, Any], stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            buffer.put(entry, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False

@@ -1,7 +1,8 @@
 """Re-read every stored sample and compare it with its manifest row; `repair` reconverts what is damaged.
 
-A flipped byte in a store either breaks the decode (blosc, npy or tar header) or changes the decoded
-arrays, so each corruption shows up as one problem naming the volume and the file. `repair` deletes the
+Each sample is read as the loader reads it, checks included (chunk and member CRCs, sizes, shapes, finite
+voxels), and its decoded arrays compared with the manifest's checksum, so each corruption shows up as one
+problem naming the volume and the file. `repair` deletes the
 damaged samples (and tar shards) and reruns the conversion `OUT/.run.json` recorded: the rerun checks
 its journal against the store, so it converts exactly those volumes again and repacks those shards.
 """
@@ -11,12 +12,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+import fsspec
 
 from openmind_tools import wds_store, zarr_store
 from openmind_tools.errors import ConfigError
 from openmind_tools.manifest_io import MANIFEST, read_table
 from openmind_tools.parallel import run_tasks
+from openmind_tools.reads import Reader
+from openmind_tools.volume import VolumeRef
 
 
 @dataclass(frozen=True)
@@ -48,10 +54,12 @@ def verify(out: str | Path, progress: bool = True, client: Any = None) -> list[P
         for found in run_tasks(_check_volume, rows, client, progress=progress, what="verify zarr", out=str(out)):
             problems += found
     if "wds_shard" in manifest:
-        if "wds_crc32c" not in manifest:  # an older manifest: its samples are checked without member checksums
-            manifest = manifest.assign(wds_crc32c=None)
-        shards = [(shard, [(r.id, r.wds_key, tuple(int(v) for v in r.shape), r.checksum, r.wds_crc32c)
-                           for r in rows.itertuples()]) for shard, rows in manifest.groupby("wds_shard")]  # fmt: skip
+        absent = [c for c in wds_store.MANIFEST_COLUMNS if c not in manifest]
+        if absent:
+            raise ConfigError(f"{out / MANIFEST} has no column(s) {absent} (written by an older openmind-convert): "
+                              "convert the corpus again")  # fmt: skip
+        columns = ["id", "shape", "checksum", *wds_store.MANIFEST_COLUMNS]
+        shards = [(shard, rows[columns].to_dict("records")) for shard, rows in manifest.groupby("wds_shard")]
         for found in run_tasks(_check_shard, shards, client, progress=progress, what="verify shards", unit="shard",
                                out=str(out)):  # fmt: skip
             problems += found
@@ -63,9 +71,10 @@ def _check_volume(row: tuple[str, str, str, tuple[int, int, int], str], out: str
     root = Path(out) / store
     path = root / array
     try:
-        stored = zarr_store.stored_shape(str(root), volume_id)
-        if stored != shape:  # a permuted shape has the same bytes and checksum, so only the metadata shows it
-            return [Problem(volume_id, path, "zarr", f"the array's shape is {stored}, the manifest's {shape}")]
+        for name, stored in zarr_store.stored_shapes(str(root), volume_id).items():
+            if stored != shape:  # a permuted shape has the same bytes and checksum, so only the metadata shows it
+                reason = f"the {name} array's shape is {stored}, the manifest's {shape}"
+                return [Problem(volume_id, path, "zarr", reason)]
         got = zarr_store.read_volume(str(root), volume_id, shape).checksum()
     except Exception as e:  # any decode failure is a finding, not a crash
         return [Problem(volume_id, path, "zarr", f"unreadable ({type(e).__name__}: {e})")]
@@ -97,29 +106,22 @@ def repair(out: str | Path, problems: list[Problem], client: Any = None, progres
                    progress=progress)  # fmt: skip
 
 
-def _check_shard(job: tuple[str, list[tuple[str, str, tuple[int, ...], str, Any]]], out: str) -> list[Problem]:
-    """Each sample of the shard against its manifest row (id, key, shape, checksum, member CRC-32Cs): every
-    damaged one is named."""
+def _check_shard(job: tuple[str, list[dict[str, Any]]], out: str) -> list[Problem]:
+    """Each sample of the shard read as the loader reads it (its byte span, member CRCs, arrays) and compared with
+    its manifest row's checksum: every damaged one is named."""
     shard, rows = job
     path = Path(out) / shard
-    expected = {key: (volume_id, shape, checksum, crc) for volume_id, key, shape, checksum, crc in rows}
-    problems, seen = [], set()
-    try:
-        for sample in wds_store.raw_samples(path):
-            key = sample["__key__"]
-            if key not in expected:
-                problems.append(Problem(key, path, "wds", "held here, but the manifest places it elsewhere"))
-                continue
-            volume_id, shape, checksum, crc = expected[key]
-            seen.add(key)
-            try:
-                _, volume, _ = wds_store.decode_sample(sample, shape, crc)
-            except Exception as e:  # any decode failure is a finding about this sample, not a crash
-                problems.append(Problem(volume_id, path, "wds", f"unreadable ({type(e).__name__}: {e})"))
-                continue
-            if volume.checksum() != checksum:
-                problems.append(Problem(volume_id, path, "wds", "checksum differs from the manifest"))
-    except Exception as e:
-        problems.append(Problem(None, path, "wds", f"unreadable ({type(e).__name__}: {e})"))
-    missing = sorted(expected[key][0] for key in set(expected) - seen)
-    return problems + [Problem(v, path, "wds", "missing from the shard") for v in missing]
+    reader = Reader(fsspec.filesystem("file"), attempts=1)
+    problems = []
+    for row in rows:
+        row = SimpleNamespace(**row)
+        try:
+            _, span, crc32c = wds_store.locate(row, lambda _: str(path))
+            ref = VolumeRef(row.id, tuple(int(v) for v in row.shape), str(path), span, crc32c)
+            volume = wds_store.read(ref, reader)
+        except Exception as e:  # any read or decode failure is a finding about this sample, not a crash
+            problems.append(Problem(row.id, path, "wds", f"unreadable ({type(e).__name__}: {e})"))
+            continue
+        if volume.checksum() != row.checksum:
+            problems.append(Problem(row.id, path, "wds", "checksum differs from the manifest"))
+    return problems

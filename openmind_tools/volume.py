@@ -2,9 +2,10 @@
 
 The two binary masks travel as one code (bit 0 anatomy, bit 1 deface; values 0..3) from preprocessing
 through both stores to the loader's batches, so a store holds one mask array and a reader splits it
-only where it needs to (the loader does so on the device, inside the crop). The code array may be
-uint8 (tar shards) or float16 (the Zarr channel, read without a conversion pass). The checksum covers
-the decoded arrays, so `verify` compares what a reader gets, whichever store and codec hold the bytes.
+only where it needs to (the loader does so on the device, inside the crop). Both stores hold the code
+as uint8. The checksum covers the decoded arrays, so `verify` compares what a reader gets, whichever store
+and codec hold the bytes. A `VolumeRef` says where a manifest row's sample lives; each store module reads
+one into a Volume.
 """
 
 from __future__ import annotations
@@ -19,6 +20,22 @@ import numpy as np
 def mask_code(anatomy: np.ndarray, deface: np.ndarray) -> np.ndarray:
     """The masks as one uint8 code: bit 0 anatomy, bit 1 deface."""
     return (np.asarray(anatomy, np.uint8) & 1) | ((np.asarray(deface, np.uint8) & 1) << 1)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeRef:
+    """Where one manifest row's sample lives; small and picklable, built once in the main process.
+
+    Every DataLoader worker holds one per volume of the selection: slots and one URL string shared by all the
+    volumes of a store or shard keep it small (measured in benchmarks/scale_bench.py).
+    """
+
+    id: str
+    shape: tuple[int, int, int]
+    url: str  # the Zarr store's root, or the tar shard, that holds the sample
+    span: tuple[int, int] | None = None  # (byte offset, bytes) of the sample in its tar shard
+    crc32c: tuple[int, int, int] | None = None  # the tar sample's member checksums (image, mask, json)
+    metadata: tuple[float | int, ...] = ()  # the requested manifest columns, typed (see PatchDataset)
 
 
 @dataclass(frozen=True)

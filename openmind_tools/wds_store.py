@@ -4,11 +4,15 @@ Shard `shards/shard-NNNNNN.tar` holds one sample per volume, keyed by the volume
 `.` percent-encoded, so two ids never share a key): `<key>.image.npy` (X, Y, Z) float16, `<key>.mask.npy`
 (X, Y, Z) uint8 mask code (bit 0 anatomy, bit 1 deface) and `<key>.json` (id, affine, spacing, and the
 CRC-32C of the two arrays' members). The manifest's `wds_crc32c` holds the CRC-32C of all three members,
-which a reader checks before it decodes. Members are plain .npy, so `webdataset.WebDataset(url).decode()`
-and `tar tf` read them; they are uncompressed because tar shards serve sequential streaming where decode
-time, not bytes, is scarce. Shards are POSIX.1-2001 (PAX) tar: no 100-byte limit on member names (OpenMind's
-many-entity BIDS names exceed it), and webdataset, Python's tarfile and GNU tar read it. Nothing is
-unpickled: `decode_sample` reads only these three members with `allow_pickle=False`.
+which a reader checks before it decodes, and `wds_offset` / `wds_size` the byte span of the sample's headers and
+members in its shard: `read` fetches exactly that span (an HTTP range on S3), so a loader worker reads its own
+samples only, a resumed epoch reads nothing it skips, and no sample waits for the ones before it in the shard
+(webdataset's own `wids` reads indexed tar samples the same way). Members are plain .npy, so
+`webdataset.WebDataset(url).decode()` and `tar tf` read them; they are uncompressed, for readers where decode
+time, not bytes, is scarce (`read` views their bytes in place: no decode at all). Shards are POSIX.1-2001
+(PAX) tar: no 100-byte limit on member names (OpenMind's many-entity BIDS names exceed it), and webdataset,
+Python's tarfile and GNU tar read it. Nothing is unpickled: only these three members are decoded, the arrays
+by numpy's .npy header parser with no object dtype.
 """
 
 from __future__ import annotations
@@ -16,18 +20,31 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import google_crc32c
 import numpy as np
 
-from openmind_tools.errors import StoreError
-from openmind_tools.files import atomic_write, file_problem
-from openmind_tools.volume import Volume
+from openmind_tools.errors import ConfigError, StoreError
+from openmind_tools.files import atomic_write
+from openmind_tools.reads import Reader
+from openmind_tools.volume import Volume, VolumeRef
 
+NAME = "wds"
 MEMBERS = ("image.npy", "mask.npy", "json")
+MANIFEST_COLUMNS = ("wds_shard", "wds_offset", "wds_size", "wds_crc32c")  # where a manifest row's sample lives
+_NPY_HEADER_MAX = 4096  # bytes; our .npy headers are 128
+
+
+class Sample(NamedTuple):
+    """Where write_shard put a sample: the byte span of its tar headers and members, its members' bytes and CRCs."""
+
+    offset: int
+    size: int
+    nbytes: int
+    crc32c: list[int]
 
 
 def shard_name(index: int) -> str:
@@ -52,16 +69,14 @@ def sample_nbytes(shape: Sequence[int]) -> int:
     return 3 * int(np.prod(shape))
 
 
-def write_shard(
-    path: str | Path, samples: Iterable[tuple[str, Volume, dict[str, Any]]]
-) -> dict[str, tuple[int, list[int]]]:
-    """Write a whole shard under a temporary name and rename it; returns (bytes, member CRC-32Cs) per sample key.
+def write_shard(path: str | Path, samples: Iterable[tuple[str, Volume, dict[str, Any]]]) -> dict[str, Sample]:
+    """Write a whole shard under a temporary name and rename it; returns where each sample key went.
 
     Tar headers are deterministic (mtime 0, uid 0), so a rerun writes the same bytes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sizes: dict[str, tuple[int, list[int]]] = {}
+    sizes: dict[str, Sample] = {}
     with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for volume_id, volume, meta in samples:
             key = sample_key(volume_id)
@@ -69,12 +84,96 @@ def write_shard(
             crcs = [google_crc32c.value(a) for a in arrays]
             members = (*arrays, json.dumps({**meta, "crc32c": dict(zip(MEMBERS[:2], crcs, strict=True))}).encode())
             crcs.append(google_crc32c.value(members[2]))
+            start = tar.offset
             for ext, payload in zip(MEMBERS, members, strict=True):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mode = len(payload), 0o444
                 tar.addfile(info, io.BytesIO(payload))
-            sizes[key] = (sum(len(m) for m in members), crcs)
+            sizes[key] = Sample(start, tar.offset - start, sum(len(m) for m in members), crcs)
     return sizes
+
+
+def manifest_cells(shard: str, volume_id: str, sample: Sample) -> dict[str, Any]:
+    """The manifest's wds_* cells of a sample that write_shard put in `shard` (its path under the output folder)."""
+    return {"wds_shard": shard, "wds_key": sample_key(volume_id), "wds_offset": sample.offset,
+            "wds_size": sample.size, "wds_nbytes": sample.nbytes, "wds_crc32c": sample.crc32c}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- the loader's interface
+def locate(row: Any, resolve: Callable[[str], str]) -> tuple[str, tuple[int, int], tuple[int, int, int]]:
+    """(url, span, member checksums) of a manifest row's sample; a malformed cell is a ConfigError naming it."""
+    crcs = member_crcs(row.wds_crc32c)
+    if crcs is None:
+        raise ConfigError(f"volume {row.id}: the manifest's wds_crc32c is {row.wds_crc32c!r}, not 3 member checksums "
+                          "(32-bit integers)")  # fmt: skip
+    try:
+        span = (int(row.wds_offset), int(row.wds_size))
+    except (TypeError, ValueError):
+        span = (-1, -1)
+    if span[0] < 0 or span[0] % 512 or span[1] < 3 * 512:
+        raise ConfigError(f"volume {row.id}: the manifest's wds_offset / wds_size ({row.wds_offset!r}, "
+                          f"{row.wds_size!r}) are no sample span of a tar shard")  # fmt: skip
+    return resolve(row.wds_shard), span, crcs
+
+
+def member_crcs(value: Any) -> tuple[int, int, int] | None:
+    """A manifest cell's three member CRC-32Cs, or None if it is not three integers in [0, 2^32)."""
+    try:
+        crcs = tuple(value)
+    except TypeError:
+        return None
+    ok = len(crcs) == 3 and all(isinstance(c, int | np.integer) and 0 <= c < 2**32 for c in crcs)
+    return tuple(int(c) for c in crcs) if ok else None
+
+
+def check(refs: Sequence[VolumeRef], reader: Reader, settings_hash: str | None) -> None:
+    """Nothing to read up front: every sample's json names its settings, and `read` checks them."""
+
+
+def read(ref: VolumeRef, reader: Reader, settings_hash: str | None = None) -> Volume:
+    """Fetch the sample's span of its shard, check its members' CRCs, then its arrays against the manifest."""
+    label = f"{ref.url} at bytes {ref.span[0]}+{ref.span[1]}"
+    try:
+        (raw,) = reader.cat([ref.url], [ref.span])
+    except FileNotFoundError:
+        raise StoreError(f"volume {ref.id}: no shard {ref.url}") from None
+    except StoreError as e:
+        raise StoreError(f"volume {ref.id}: {e}") from None
+    try:
+        if len(raw) != ref.span[1]:
+            raise StoreError(f"{label}: the shard ends after {len(raw)} of the sample's bytes (cut short?)")
+        volume_id, volume, meta = decode_sample(_members(raw, label), ref.shape, ref.crc32c)
+    except StoreError as e:
+        raise StoreError(f"volume {ref.id}: {e}") from None
+    except (ValueError, KeyError, TypeError) as e:  # a member that passed its CRC but is no array or json of ours
+        raise StoreError(f"volume {ref.id}: sample {label}: {type(e).__name__}: {e}") from None
+    if volume_id != ref.id:
+        raise StoreError(f"volume {ref.id}: sample {label} holds volume {volume_id}")
+    found = meta.get("settings_hash")
+    if settings_hash is not None and found is not None and found != settings_hash:
+        raise ConfigError(f"volume {ref.id} in {label} was written with settings_hash {found}, but the manifest says "
+                          f"{settings_hash}: the store and manifest come from different conversions")  # fmt: skip
+    return volume
+
+
+def _members(raw: bytes, label: str) -> dict[str, Any]:
+    """The members of one sample's tar span, as a raw webdataset sample (uint8 views of `raw`, not copies)."""
+    view, sample = np.frombuffer(raw, np.uint8), {"__key__": None, "__url__": label}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+            for info in tar:
+                key, _, ext = info.name.partition(".")
+                if not info.isfile():
+                    raise StoreError(f"sample {label}: member {info.name!r} is not a regular file")
+                if sample["__key__"] not in (None, key):
+                    raise StoreError(f"sample {label}: member {info.name!r} belongs to another sample (a span that "
+                                     "does not match the shard?)")  # fmt: skip
+                if ext in sample:
+                    raise StoreError(f"sample {label}: member {info.name!r} occurs twice")
+                sample["__key__"], sample[ext] = key, view[info.offset_data : info.offset_data + info.size]
+    except tarfile.TarError as e:
+        raise StoreError(f"sample {label}: not a tar sample ({type(e).__name__}: {e})") from None
+    return sample
 
 
 def decode_sample(
@@ -95,7 +194,7 @@ def decode_sample(
         if computed != int(expected):
             raise StoreError(f"{where}: damaged member {member}: its crc32c is {computed:08x}, the manifest "
                              f"records {int(expected):08x}")  # fmt: skip
-    meta = json.loads(sample["json"])
+    meta = json.loads(bytes(sample["json"]))  # bytes, or a uint8 view
     volume = Volume(_load_npy(sample["image.npy"]), _load_npy(sample["mask.npy"]))
     if shape is not None:
         for name, array, dtype in (("image", volume.image, np.float16), ("mask", volume.code, np.uint8)):
@@ -113,42 +212,23 @@ def finite(image: np.ndarray) -> bool:
     return image.size == 0 or int(np.bitwise_and(image.view(np.uint16), 0x7C00).max()) != 0x7C00
 
 
-def iter_shard(path: str | Path) -> Iterator[tuple[str, Volume, dict[str, Any]]]:
-    """Read every sample of a local shard with tarfile alone (tests; the loader uses webdataset)."""
-    for sample in raw_samples(path):
-        yield decode_sample(sample)
-
-
-def raw_samples(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The undecoded samples of a local shard, in tar order, read with tarfile alone (verify decodes each).
-
-    A member name that occurs twice in a sample is a StoreError: one of the two would be dropped unseen.
-    """
-    sample: dict[str, Any] = {}
-    problem = file_problem(path)  # a FIFO would block tarfile forever
-    if problem:
-        raise StoreError(f"{path}: {problem}")
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            key, _, ext = info.name.partition(".")
-            if sample and key != sample["__key__"]:
-                yield sample
-                sample = {}
-            if ext in sample:
-                raise StoreError(f"{path}: member {info.name!r} occurs twice")
-            if not info.isfile():
-                raise StoreError(f"{path}: member {info.name!r} is not a regular file")
-            sample["__key__"], sample["__url__"] = key, str(path)
-            sample[ext] = tar.extractfile(info).read()
-    if sample:
-        yield sample
-
-
 def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
 
 
-def _load_npy(payload: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(payload), allow_pickle=False)
+def _load_npy(payload: bytes | np.ndarray) -> np.ndarray:
+    """A .npy member as an array viewing its bytes (no copy); the header is numpy's own parser's."""
+    header = io.BytesIO(bytes(payload[:_NPY_HEADER_MAX]))
+    version = np.lib.format.read_magic(header)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f".npy format {version} (np.save writes 1.0 or 2.0)")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(header)
+    if dtype.hasobject:
+        raise ValueError("an object array (would need unpickling)")
+    count = int(np.prod(shape))
+    if header.tell() + count * dtype.itemsize != len(payload):
+        raise ValueError(f"{len(payload) - header.tell()} data bytes for {count} values of {dtype}")
+    return np.frombuffer(payload, dtype, count, header.tell()).reshape(shape, order="F" if fortran else "C")

@@ -1,17 +1,16 @@
 """Zarr v3 layout of converted volumes: the only module that knows it.
 
-One array per volume at `volumes/<volume id>`, shape (2, X, Y, Z) float16 in ONE chunk: channel 0 is
-the z-scored image, channel 1 the mask code (bit 0 anatomy, bit 1 deface; 0..3 are exact in float16).
-The chunk is blosc, then zarr v3's `crc32c` codec (a little-endian CRC-32C of the blosc bytes appended), so
-plain zarr-python and tensorstore check it too; `read_volume` checks it (0.34 ms per 3 MB chunk) and the
-blosc header's sizes against the chunk and the manifest before it decompresses, so no damaged chunk
-reaches blosc, which trusts those sizes (a chunk cut short used to end the reader with SIGSEGV).
-A 160^3 patch is nearly a whole 1 mm brain, so one object and one decode per volume beats any chunk
-grid; blosc lz4 + byte shuffle decodes image and masks together in ~4.5 ms on one core, where image
-and a separate uint8 mask array took ~24 ms (benchmarks/convert_bench.py has the numbers). No group
-lists the volumes: the manifest is the index. Plain `zarr.open_array(store, path=...)` reads every
-array; `read_volume` skips zarr's per-call overhead by fetching the one chunk object and decoding it
-with numcodecs, given the shape the manifest recorded.
+One group per volume at `volumes/<volume id>`, holding two arrays of one chunk each: `image` (X, Y, Z) float16,
+the z-scored image, and `mask` (X, Y, Z) uint8, the mask code (bit 0 anatomy, bit 1 deface). Each chunk is blosc
+(lz4 by default; `CODECS`), then zarr v3's `crc32c` codec (a little-endian CRC-32C of the blosc bytes appended), so
+plain zarr-python and tensorstore check it too. `read` checks each chunk's CRC and its blosc header's sizes
+against the chunk and the manifest's shape before it decompresses, so no damaged chunk reaches blosc, which
+trusts those sizes (a chunk cut short used to end the reader with SIGSEGV). Store format 2 held the code as a
+float16 second channel of one array: twice the code's bytes, and a float-to-uint8 pass over every crop that cost
+more than the decode. The two objects are fetched together (`Reader.cat`: one round trip on S3), and a 160^3
+patch is nearly a whole 1 mm brain, so one chunk per array beats any chunk grid. No group lists the volumes:
+the manifest is the index. Plain `zarr.open_group(store, path=...)` reads every volume; `read` skips zarr's
+per-call overhead by fetching the chunk objects and decoding them with numcodecs, given the manifest's shape.
 """
 
 from __future__ import annotations
@@ -20,68 +19,73 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from openmind_tools.errors import StoreError
-from openmind_tools.files import file_problem, unreadable_object
-from openmind_tools.volume import Volume
+from openmind_tools.errors import ConfigError, StoreError
+from openmind_tools.files import file_problem
+from openmind_tools.reads import Reader
+from openmind_tools.volume import Volume, VolumeRef
 
-CHUNK_KEY = "c/0/0/0/0"  # the only chunk of a (2, X, Y, Z) array with chunk_key_encoding "default"
-_BLOSC = {"cname": "lz4", "clevel": 5}  # with byte shuffle; measured in benchmarks/convert_bench.py
-_COMPRESSOR = BloscCodec(**_BLOSC, shuffle="shuffle", typesize=2)
-STORE_FORMAT = "openmind-zarr/2"  # 2: crc32c after blosc. An array's attributes["store_format"] says which it is
+NAME = "zarr"
+ARRAYS = {"image": np.dtype(np.float16), "mask": np.dtype(np.uint8)}  # the arrays of a volume's group, in order
+CHUNKS = {name: f"{name}/c/0/0/0" for name in ARRAYS}  # each array's one chunk, chunk_key_encoding "default"
+# --codec: (blosc cname, clevel); measured in benchmarks/codec_bench.py
+CODECS = {"lz4": ("lz4", 5), "lz4hc": ("lz4hc", 5), "zstd": ("zstd", 3)}
+DEFAULT_CODEC = "lz4"
+STORE_FORMAT = "openmind-zarr/3"  # 3: uint8 mask array; 2: crc32c after blosc. The group's attributes say which
+MANIFEST_COLUMNS = ("zarr_store",)  # where a manifest row says its volume lives
 _BLOSC_HEADER = 16  # bytes: version, flags, typesize, then uncompressed size, block size, compressed size (LE)
 
 
-def array_path(volume_id: str) -> str:
+def group_path(volume_id: str) -> str:
     return f"volumes/{volume_id}"
 
 
-def pack(volume: Volume) -> np.ndarray:
-    """The stored (2, X, Y, Z) float16 array: image, then mask code."""
-    out = np.empty((2, *volume.image.shape), np.float16)  # C order: the chunk's byte order
-    out[0], out[1] = volume.image, volume.code
-    return out
+def write_volume(
+    root: str | Path, volume_id: str, volume: Volume, attrs: dict[str, Any], codec: str = DEFAULT_CODEC
+) -> int:
+    """Write one volume's group under a temporary name, then rename it into place; returns stored bytes.
 
-
-def unpack(data: np.ndarray) -> Volume:
-    return Volume(data[0], data[1])
-
-
-def write_volume(root: str | Path, volume_id: str, volume: Volume, attrs: dict[str, Any]) -> int:
-    """Write one packed volume under a temporary name, then rename it into place; returns stored bytes.
-
-    A reader (or a resumed run) never sees a half-written array: either the rename happened or not.
-    Writing the chunk with numcodecs directly saves ~70 ms per volume of zarr's async write path; a
-    test reads it back through plain zarr.
+    A reader (or a resumed run) never sees a half-written volume: either the rename happened or not.
+    Writing the chunks with numcodecs directly saves ~70 ms per volume of zarr's async write path; a
+    test reads them back through plain zarr.
     """
+    if codec not in CODECS:
+        raise ConfigError(f"codec: expected one of {sorted(CODECS)}, got {codec!r}")
+    cname, clevel = CODECS[codec]
     root = Path(root)
-    final = root / array_path(volume_id)
+    final = root / group_path(volume_id)
     tmp = root / ".tmp" / uuid.uuid4().hex
-    data = pack(volume)
-    zarr.create_array(  # metadata only: the one chunk is encoded here, as zarr would, without its event loop
-        store=str(tmp),
-        shape=data.shape,
-        chunks=data.shape,
-        dtype="float16",
-        compressors=(_COMPRESSOR, Crc32cCodec()),
-        chunk_key_encoding={"name": "default", "separator": "/"},
-        attributes={**attrs, "store_format": STORE_FORMAT},
-        zarr_format=3,
-    )
-    chunk = tmp / CHUNK_KEY
-    chunk.parent.mkdir(parents=True)
-    body = numcodecs.blosc.compress(data, _BLOSC["cname"].encode(), _BLOSC["clevel"], numcodecs.blosc.SHUFFLE)
-    chunk.write_bytes(body + google_crc32c.value(body).to_bytes(4, "little"))
-    nbytes = chunk.stat().st_size
+    group = zarr.create_group(store=str(tmp), attributes={**attrs, "store_format": STORE_FORMAT}, zarr_format=3)
+    nbytes = 0
+    for (name, dtype), data in zip(ARRAYS.items(), (volume.image, volume.mask_code), strict=True):
+        data = np.ascontiguousarray(data, dtype)
+        shuffle = "shuffle" if dtype.itemsize > 1 else "noshuffle"
+        group.create_array(  # metadata only: the one chunk is encoded here, as zarr would, without its event loop
+            name,
+            shape=data.shape,
+            chunks=data.shape,
+            dtype=dtype,
+            compressors=(
+                BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle, typesize=dtype.itemsize),
+                Crc32cCodec(),
+            ),  # fmt: skip
+            chunk_key_encoding={"name": "default", "separator": "/"},
+        )
+        chunk = tmp / CHUNKS[name]
+        chunk.parent.mkdir(parents=True)
+        mode = numcodecs.blosc.SHUFFLE if dtype.itemsize > 1 else numcodecs.blosc.NOSHUFFLE
+        body = numcodecs.blosc.compress(data, cname.encode(), clevel, mode)
+        chunk.write_bytes(body + google_crc32c.value(body).to_bytes(4, "little"))
+        nbytes += chunk.stat().st_size
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         shutil.rmtree(final)
@@ -89,65 +93,109 @@ def write_volume(root: str | Path, volume_id: str, volume: Volume, attrs: dict[s
     return nbytes
 
 
-def read_volume(
-    root: str, volume_id: str, shape: tuple[int, int, int], fs: fsspec.AbstractFileSystem | None = None
-) -> Volume:
-    """Fetch and decode the volume's one chunk object; `shape` is the manifest's (X, Y, Z)."""
-    url = f"{str(root).rstrip('/')}/{array_path(volume_id)}/{CHUNK_KEY}"
-    fs = fs or fsspec.core.url_to_fs(url)[0]
-    if problem := unreadable_object(fs, url):
-        raise StoreError(f"volume {volume_id}: {url}: {problem}")
+# ---------------------------------------------------------------------------------------------- the loader's interface
+def locate(row: Any, resolve: Any) -> tuple[str, None, None]:
+    """(url, span, member checksums) of a manifest row's volume: the store's root; Zarr needs nothing else."""
+    return resolve(row.zarr_store), None, None
+
+
+def check(refs: Sequence[VolumeRef], reader: Reader, settings_hash: str | None) -> None:
+    """Refuse a store of another format, or written with other settings than the manifest says: read the
+    attributes of one volume per store (one small GET; checking all 114k would double the requests of an epoch)."""
+    firsts: dict[str, VolumeRef] = {}
+    for ref in refs:
+        firsts.setdefault(ref.url, ref)
+    for root, ref in firsts.items():
+        url = f"{root}/{group_path(ref.id)}/zarr.json"
+        try:
+            (raw,) = reader.cat([url])
+        except FileNotFoundError:
+            raise StoreError(f"volume {ref.id}: no group metadata at {url} (is {root} the right store?)") from None
+        try:
+            attributes = json.loads(raw).get("attributes", {})
+            found, store_format = attributes.get("settings_hash"), attributes.get("store_format")
+        except (ValueError, AttributeError):
+            raise StoreError(f"volume {ref.id}: {url} is not zarr group metadata (damaged?)") from None
+        if store_format != STORE_FORMAT:
+            raise StoreError(f"store {root} has store format {store_format or 'openmind-zarr/1 or /2'} (volume "
+                             f"{ref.id}); this loader reads {STORE_FORMAT}: convert the corpus again with this "
+                             "openmind-convert")  # fmt: skip
+        if settings_hash is not None and found != settings_hash:
+            raise ConfigError(
+                f"store {root} was written with settings_hash {found} (volume {ref.id}), but the manifest "
+                f"says {settings_hash}: the store and manifest come from different conversions"
+            )
+
+
+def read(ref: VolumeRef, reader: Reader, settings_hash: str | None = None) -> Volume:
+    """Fetch the volume's two chunk objects together, check them and decode them (`check` did the settings)."""
+    return read_volume(ref.url, ref.id, ref.shape, reader)
+
+
+def read_volume(root: str, volume_id: str, shape: tuple[int, int, int], reader: Reader | None = None) -> Volume:
+    """The volume `volume_id` of the store at `root`; `shape` is the manifest's (X, Y, Z)."""
+    base = f"{str(root).rstrip('/')}/{group_path(volume_id)}"
+    urls = [f"{base}/{chunk}" for chunk in CHUNKS.values()]
+    reader = reader or Reader.for_url(base)
     try:
-        raw = fs.cat_file(url)
-    except FileNotFoundError:
-        raise StoreError(f"volume {volume_id}: no chunk at {url}") from None
-    data = np.empty((2, *shape), np.float16)  # writable, so torch can wrap crops of it without a copy
-    numcodecs.blosc.decompress(check_chunk(raw, data.nbytes, f"volume {volume_id}: {url}"), data)
-    return unpack(data)
+        raws = reader.cat(urls)
+    except FileNotFoundError as e:
+        raise StoreError(f"volume {volume_id}: no chunk at {e.filename or base}") from None
+    except StoreError as e:
+        raise StoreError(f"volume {volume_id}: {e}") from None
+    arrays = []
+    for url, raw, dtype in zip(urls, raws, ARRAYS.values(), strict=True):
+        data = np.empty(shape, dtype)  # writable, so torch can wrap crops of it without a copy
+        numcodecs.blosc.decompress(check_chunk(raw, data.nbytes, dtype.itemsize, f"volume {volume_id}: {url}"), data)
+        arrays.append(data)
+    return Volume(*arrays)
 
 
-def check_chunk(raw: bytes, nbytes: int, where: str) -> bytes:
+def check_chunk(raw: bytes, nbytes: int, itemsize: int, where: str) -> bytes:
     """The blosc bytes of a stored chunk, after checking its CRC-32C and that blosc's header matches both the
     chunk's length and the `nbytes` the manifest's shape needs; anything else is a StoreError saying what."""
     if len(raw) < _BLOSC_HEADER + 4:
         raise StoreError(f"{where}: {len(raw)} bytes, too short to be a chunk (cut short?)")
-    body, stored = raw[:-4], int.from_bytes(raw[-4:], "little")
+    body, stored = np.frombuffer(raw, np.uint8)[:-4], int.from_bytes(raw[-4:], "little")  # a view: no copy
     computed = google_crc32c.value(body)
     if computed != stored:
         raise StoreError(f"{where}: damaged chunk: its crc32c is {computed:08x}, it records {stored:08x} (a changed "
                          "byte, or a chunk cut short or padded)")  # fmt: skip
-    values, compressed = int.from_bytes(body[4:8], "little"), int.from_bytes(body[12:16], "little")
+    values, compressed = int.from_bytes(raw[4:8], "little"), int.from_bytes(raw[12:16], "little")
     if compressed != len(body):
         raise StoreError(f"{where}: blosc header says {compressed} bytes, the chunk holds {len(body)}")
     if values != nbytes:
-        raise StoreError(f"{where}: holds {values // 2} values, the manifest's shape needs {nbytes // 2}")
+        raise StoreError(f"{where}: holds {values // itemsize} values, the manifest's shape needs {nbytes // itemsize}")
     return body
 
 
-def stored_shape(root: str, volume_id: str, fs: fsspec.AbstractFileSystem | None = None) -> tuple[int, ...]:
-    """The (X, Y, Z) the array's own metadata records (verify compares it with the manifest's)."""
-    url = f"{str(root).rstrip('/')}/{array_path(volume_id)}/zarr.json"
-    fs = fs or fsspec.core.url_to_fs(url)[0]
-    try:
-        shape = json.loads(fs.cat_file(url))["shape"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise StoreError(f"volume {volume_id}: {url}: no readable array metadata ({type(e).__name__}: {e})") from None
-    return tuple(int(v) for v in shape[1:])
+def stored_shapes(root: str, volume_id: str) -> dict[str, tuple[int, ...]]:
+    """The shape each array's own metadata records (verify compares them with the manifest's)."""
+    shapes = {}
+    for name in ARRAYS:
+        url = f"{str(root).rstrip('/')}/{group_path(volume_id)}/{name}/zarr.json"
+        try:
+            (raw,) = Reader.for_url(url, attempts=1).cat([url])
+            shapes[name] = tuple(int(v) for v in json.loads(raw)["shape"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"no readable array metadata ({type(e).__name__}: {e})"
+            raise StoreError(f"volume {volume_id}: {url}: {problem}") from None
+    return shapes
 
 
 def is_stored(root: str | Path, volume_id: str) -> bool:
-    """Whether the volume's chunk is on local disk (a stat, no read): a rerun's check of its journal."""
-    return file_problem(Path(root) / array_path(volume_id) / CHUNK_KEY) is None
+    """Whether the volume's chunks are on local disk (a stat each, no read): a rerun's check of its journal."""
+    return all(file_problem(Path(root) / group_path(volume_id) / chunk) is None for chunk in CHUNKS.values())
 
 
 def delete_volume(root: str | Path, volume_id: str) -> None:
-    """Remove a (damaged) volume's array so the next run converts it again."""
-    shutil.rmtree(Path(root) / array_path(volume_id), ignore_errors=True)
+    """Remove a (damaged) volume's group so the next run converts it again."""
+    shutil.rmtree(Path(root) / group_path(volume_id), ignore_errors=True)
 
 
-def open_volume(root: str | Path, volume_id: str) -> zarr.Array:
-    """The stored array through plain zarr (for people, notebooks and tests; the loader uses read_volume)."""
-    return zarr.open_array(store=str(root), path=array_path(volume_id), mode="r")
+def open_volume(root: str | Path, volume_id: str) -> zarr.Group:
+    """The stored group through plain zarr (for people, notebooks and tests; the loader uses `read`)."""
+    return zarr.open_group(store=str(root), path=group_path(volume_id), mode="r")
 
 
 def clean_partial(root: str | Path) -> None:

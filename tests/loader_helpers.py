@@ -63,10 +63,7 @@ def write_store(out: Path, volumes: dict[str, Volume], shards: int = 3, settings
                     "settings_hash": settings_hash,
                     "zarr_store": "store.zarr",
                     "zarr_nbytes": zarr_store.write_volume(out / "store.zarr", volume_id, volumes[volume_id], attrs),
-                    "wds_shard": name,
-                    "wds_key": wds_store.sample_key(volume_id),
-                    "wds_nbytes": sizes[wds_store.sample_key(volume_id)][0],
-                    "wds_crc32c": sizes[wds_store.sample_key(volume_id)][1],
+                    **wds_store.manifest_cells(name, volume_id, sizes[wds_store.sample_key(volume_id)]),
                 }
             )
     manifest = out / "manifest.parquet"

@@ -96,9 +96,10 @@ def test_anisotropic_images_are_resampled_to_1mm(demo_out: Path) -> None:
 def test_both_stores_are_readable_with_plain_libraries(demo_out: Path) -> None:
     manifest, _ = read_table(demo_out / "manifest.parquet")
     row = next(manifest.itertuples())
-    plain = zarr_store.open_volume(demo_out / row.zarr_store, row.id)[:]
+    plain = zarr_store.open_volume(demo_out / row.zarr_store, row.id)
     ours = zarr_store.read_volume(str(demo_out / row.zarr_store), row.id, tuple(row.shape))
-    np.testing.assert_array_equal(plain[0], ours.image)
+    np.testing.assert_array_equal(plain["image"][:], ours.image)
+    np.testing.assert_array_equal(plain["mask"][:], ours.code)
     shard = demo_out / row.wds_shard
     listing = subprocess.run(["tar", "tf", str(shard)], capture_output=True, text=True, check=True).stdout.split()
     assert f"{row.wds_key}.image.npy" in listing and f"{row.wds_key}.json" in listing
@@ -207,7 +208,7 @@ def test_killed_conversion_resumes_to_the_same_manifest(demo_corpus: Path, demo_
 def test_rerunning_a_finished_conversion_does_nothing(demo_corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = convert(demo_corpus, out, limit=3, progress=False)
-    chunk = out / "store.zarr" / zarr_store.array_path(discover(demo_corpus).images[0].id) / zarr_store.CHUNK_KEY
+    chunk = out / "store.zarr" / zarr_store.group_path(discover(demo_corpus).images[0].id) / zarr_store.CHUNKS["image"]
     mtime = chunk.stat().st_mtime_ns
     second = convert(demo_corpus, out, limit=3, progress=False)
     assert (first.converted, second.converted, second.skipped) == (3, 3, 3)
@@ -228,7 +229,7 @@ def test_verify_catches_a_single_flipped_byte(demo_corpus: Path, tmp_path: Path)
     assert verify(out, progress=False) == []
     manifest = pd.read_parquet(out / "manifest.parquet")
     victim = manifest.iloc[1]
-    chunk = out / "store.zarr" / victim["zarr_array"] / zarr_store.CHUNK_KEY
+    chunk = out / "store.zarr" / victim["zarr_array"] / zarr_store.CHUNKS["image"]
     shard = out / victim["wds_shard"]
     for path in (chunk, shard):
         data = bytearray(path.read_bytes())

@@ -54,7 +54,7 @@ def test_a_fifo_where_a_file_should_be_is_refused_never_waited_on(tmp_path: Path
     assert list(errors["reason"].str.contains("not a regular file \\(a FIFO\\)")) == [True]
 
     manifest = pd.read_parquet(out / "manifest.parquet")
-    chunk = out / "store.zarr" / manifest["zarr_array"].iloc[0] / zarr_store.CHUNK_KEY
+    chunk = out / "store.zarr" / manifest["zarr_array"].iloc[0] / zarr_store.CHUNKS["image"]
     chunk.unlink()
     os.mkfifo(chunk)
     with pytest.raises(StoreError, match="not a regular file"):
@@ -109,7 +109,7 @@ def test_a_rerun_reconverts_deleted_samples_and_verify_repair_heals_damage(demo_
     summary = convert(demo_corpus, out, formats=("zarr", "wds"), limit=4, shard_bytes=30 * 2**20, progress=False)
     assert summary.skipped == 3 and verify(out, progress=False) == []  # the journal no longer trusted alone
 
-    chunk = out / "store.zarr" / second["zarr_array"] / zarr_store.CHUNK_KEY
+    chunk = out / "store.zarr" / second["zarr_array"] / zarr_store.CHUNKS["image"]
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x01
     chunk.write_bytes(bytes(data))
@@ -158,7 +158,7 @@ def test_a_stored_sample_that_is_a_folder_is_a_store_error(tmp_path: Path) -> No
     root = small_corpus(tmp_path / "corpus", ["sub-01_T1w.nii.gz"])
     convert(root, tmp_path / "out", formats=("zarr",), progress=False)
     manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
-    chunk = tmp_path / "out" / "store.zarr" / manifest["zarr_array"].iloc[0] / zarr_store.CHUNK_KEY
+    chunk = tmp_path / "out" / "store.zarr" / manifest["zarr_array"].iloc[0] / zarr_store.CHUNKS["image"]
     chunk.unlink()
     chunk.mkdir()
     with pytest.raises(StoreError, match="not a regular file \\(a folder\\)"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from openmind_tools import wds_store
+from openmind_tools import wds_store, zarr_store
 from openmind_tools.convert import convert
 from openmind_tools.corpus import CSV_NAME
 from openmind_tools.parallel import run_tasks
@@ -82,7 +82,7 @@ def test_verify_on_a_dask_cluster_finds_what_the_serial_one_finds(demo_corpus: P
     out = tmp_path / "out"
     convert(demo_corpus, out, formats=("zarr", "wds"), limit=5, progress=False)
     manifest = pd.read_parquet(out / "manifest.parquet")
-    chunk = out / "store.zarr" / manifest["zarr_array"].iloc[2] / "c" / "0" / "0" / "0" / "0"
+    chunk = out / "store.zarr" / manifest["zarr_array"].iloc[2] / zarr_store.CHUNKS["image"]
     chunk.write_bytes(chunk.read_bytes()[:1000])
     serial = verify(out, progress=False)
     with (

@@ -24,20 +24,13 @@ import torch
 from loader_helpers import PATCH, SETTINGS_HASH, mni_volumes, rewrite_manifest, write_store
 from nibabel.testing import data_path
 
-from openmind_tools import loader_stages, wds_store
+from openmind_tools import loader_stages, zarr_store
 from openmind_tools.errors import ConfigError, StoreError
 from openmind_tools.loader import PatchDataset, make_loader
-from openmind_tools.loader_stages import (
-    VolumeRef,
-    crop_volumes,
-    read_volumes,
-    shuffle_by_bytes,
-    split_by_rank,
-    split_by_worker,
-    wrap_to_multiple,
-)
+from openmind_tools.loader_stages import crop_volumes, read_volumes, split_by_rank, split_by_worker, wrap_to_multiple
 from openmind_tools.manifest import balance_weights
-from openmind_tools.volume import Volume
+from openmind_tools.reads import Reader
+from openmind_tools.volume import Volume, VolumeRef
 
 STORES = ["zarr", "wds"]
 
@@ -134,7 +127,7 @@ def test_workers_that_start_late_still_cover_the_epoch_once(store16: Path, store
 def test_resume_continues_with_the_same_batches(store16: Path, store: str, workers: int) -> None:
     def loader():
         dataset = PatchDataset(store16 / "manifest.parquet", PATCH, store=store, crops_per_volume=2,
-                               foreground_bias=0.5, seed=3, shuffle_bytes=200_000)  # fmt: skip
+                               foreground_bias=0.5, seed=3)  # fmt: skip
         return make_loader(dataset, batch_size=3, num_workers=workers)
 
     reference = loader()
@@ -151,6 +144,26 @@ def test_resume_continues_with_the_same_batches(store16: Path, store: str, worke
     resumed.load_state_dict(state)
     assert_same_batches(run_epoch(resumed) + run_epoch(resumed), expected[stop:])
     resumed.close()
+
+
+@pytest.mark.parametrize("store", STORES)
+def test_a_resumed_epoch_reads_only_the_volumes_it_still_crops(store16: Path, store: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    read: list[int] = []  # bytes of each object read
+    cat = Reader.cat
+    monkeypatch.setattr(Reader, "cat", lambda self, *a: [read.append(len(b)) or b for b in cat(self, *a)])
+    dataset = PatchDataset(store16 / "manifest.parquet", PATCH, store=store, seed=3, prefetch=0)
+    loader = make_loader(dataset, batch_size=2)  # 16 volumes, one crop each: 8 batches
+    read.clear()
+    whole = sum(len(b["id"]) for b in run_epoch(loader, 0))
+    per_epoch = sum(read)
+    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "batches": 6})
+    read.clear()
+    rest = run_epoch(loader)
+    assert whole == 16 and len(rest) == 2
+    objects = 2 if store == "zarr" else 1  # a Zarr volume is an image and a mask object; a tar sample one span
+    assert len(read) == 4 * objects  # the 4 volumes of the last 2 batches, none of the 12 skipped
+    assert 0 < sum(read) < per_epoch / 2
 
 
 def test_load_state_dict_names_what_differs(store16: Path) -> None:
@@ -197,7 +210,7 @@ def test_foreground_bias_centres_crops_in_the_anatomy() -> None:
     inner = (slice(18, 24),) * 3  # a small region where no crop centred on it clips at the border
     anatomy[inner] = volume.anatomy[inner]
     volume = Volume.from_masks(volume.image, anatomy, volume.deface)
-    ref = VolumeRef("v", volume.image.shape, None, None, None)
+    ref = VolumeRef("v", volume.image.shape, "")
 
     def inside_rate(bias: float) -> float:
         crops = crop_volumes([(0, ref, volume, False)], patch_size=(PATCH,) * 3, crops_per_volume=2000,
@@ -218,7 +231,7 @@ def test_missing_sample_raises_naming_the_volume_and_the_store(store16: Path, tm
     ghost = "ds999999/sub-99/anat/sub-99_T1w"
     row = {"id": ghost, "dataset": "ds999999", "modality": "T1w", "shape": [30, 30, 30],
            "settings_hash": SETTINGS_HASH, "zarr_store": "store.zarr", "wds_shard": "shards/shard-000001.tar",
-           "wds_key": ghost, "wds_crc32c": [0, 0, 0]}  # fmt: skip
+           "wds_key": ghost, "wds_offset": 2**30, "wds_size": 2048, "wds_crc32c": [0, 0, 0]}  # fmt: skip
     manifest = rewrite_manifest(store16 / "manifest.parquet", store16 / f"ghost-{store}.parquet", extra_rows=[row])
     dataset = PatchDataset(manifest, PATCH, store=store, seed=0)
     where = "store.zarr/volumes/" + ghost if store == "zarr" else "shards/shard-000001.tar"
@@ -233,7 +246,7 @@ def test_truncated_shard_names_the_lost_volumes(store16: Path, tmp_path: Path) -
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     rows = pd.read_parquet(store / "manifest.parquet")
     lost = sorted(rows.loc[rows["wds_shard"] == "shards/shard-000001.tar", "id"])[-1]
-    with pytest.raises(StoreError, match=f"{lost}.*shard-000001.tar broke off"):
+    with pytest.raises(StoreError, match=f"{lost}.*shard-000001.tar.*cut short"):
         run_epoch(make_loader(PatchDataset(store / "manifest.parquet", PATCH, store="wds"), batch_size=4))
 
 
@@ -259,16 +272,15 @@ def test_a_worker_whose_whole_share_is_unreadable_still_yields_its_steps(store16
     copy = tmp_path / "store"
     shutil.copytree(store16, copy)
     dataset = PatchDataset(copy / "manifest.parquet", PATCH, store=store, on_error="skip", seed=4)
-    order = list(loader_stages.shuffled(dataset.volumes, seed=4, epoch=0, by_shard=store == "wds"))
+    order = list(loader_stages.shuffled(dataset.volumes, seed=4, epoch=0))
     share = list(loader_stages.split_by_worker(order, worker=1, num_workers=2))  # worker 1's 8 volumes
     for volume in share:  # damage every one of them, in the store being read
         if store == "zarr":
             shutil.rmtree(copy / "store.zarr" / "volumes" / volume.id)
-    if store == "wds":  # drop worker 1's samples from their shards by cutting the shards it reads
-        rows = pd.read_parquet(copy / "manifest.parquet").set_index("id")
-        for shard in {rows.loc[v.id, "wds_shard"] for v in share}:
-            keep = [r for r in wds_store.iter_shard(copy / shard) if r[0] not in {v.id for v in share}]
-            wds_store.write_shard(copy / shard, keep)
+        else:  # zero the sample's bytes in its shard
+            with open(volume.url, "r+b") as shard:
+                shard.seek(volume.span[0])
+                shard.write(bytes(volume.span[1]))
     loader = make_loader(dataset, batch_size=4, num_workers=2)
     batches = run_epoch(loader)
     assert len(batches) == len(loader) == 4
@@ -286,7 +298,7 @@ def test_a_worker_whose_whole_share_is_unreadable_still_yields_its_steps(store16
 def test_store_from_other_settings_is_refused(store16: Path, store: str) -> None:
     manifest = rewrite_manifest(store16 / "manifest.parquet", store16 / f"other-{store}.parquet",
                                 change={"settings_hash": "0123456789abcdef"})  # fmt: skip
-    with pytest.raises(StoreError, match=f"settings_hash {SETTINGS_HASH}.*0123456789abcdef"):
+    with pytest.raises(ConfigError, match=f"settings_hash {SETTINGS_HASH}.*0123456789abcdef"):
         run_epoch(make_loader(PatchDataset(manifest, PATCH, store=store), batch_size=4))
 
 
@@ -301,7 +313,7 @@ def test_manifest_without_the_store_column_is_refused(store16: Path) -> None:
 def test_same_seed_same_batches_other_seed_or_epoch_other_batches(store16: Path, store: str) -> None:
     def epoch(seed: int, number: int) -> list[dict]:
         dataset = PatchDataset(store16 / "manifest.parquet", PATCH, store=store, crops_per_volume=2, seed=seed,
-                               foreground_bias=0.5, shuffle_bytes=100_000)  # fmt: skip
+                               foreground_bias=0.5)  # fmt: skip
         return run_epoch(make_loader(dataset, batch_size=4), number)
 
     first = epoch(0, 0)
@@ -311,27 +323,6 @@ def test_same_seed_same_batches_other_seed_or_epoch_other_batches(store16: Path,
         assert sorted(ids_of(other)) == sorted(ids_of(first))
 
 
-def test_shuffle_buffer_is_bounded_in_bytes() -> None:
-    sizes = [5, 1, 30, 2, 8, 8, 1, 40, 3, 3] * 3
-    held, peak = [], 0
-
-    def nbytes(item: int) -> int:
-        return sizes[item]
-
-    def source():
-        for i in range(len(sizes)):
-            held.append(i)
-            yield i
-
-    out = []
-    for item in shuffle_by_bytes(source(), max_bytes=20, nbytes=nbytes, rng=np.random.default_rng(0)):
-        out.append(item)
-        buffered = [i for i in held if i not in out]
-        peak = max(peak, sum(sizes[i] for i in buffered) - max(sizes[i] for i in buffered) if buffered else 0)
-    assert sorted(out) == list(range(len(sizes))) and out != sorted(out)
-    assert peak <= 20
-
-
 # ---------------------------------------------------------------------------------------------- retries
 class FlakyFS:
     """A filesystem whose first reads fail like a dropped connection; counts every call."""
@@ -339,25 +330,29 @@ class FlakyFS:
     def __init__(self, failures: int, error: type[OSError] = ConnectionResetError) -> None:
         self.failures, self.error, self.calls = failures, error, 0
 
-    def cat_file(self, path: str) -> bytes:
+    def cat_ranges(self, paths: list[str], starts: list, ends: list, on_error: str) -> list[bytes]:
         self.calls += 1
         if self.calls <= self.failures:
-            raise self.error(f"injected failure {self.calls} for {path}")
-        with open(path, "rb") as f:
-            return f.read()
+            raise self.error(f"injected failure {self.calls} for {paths}")
+        return [Path(path).read_bytes() for path in paths]
 
 
 def test_transient_read_errors_are_retried_missing_objects_are_not(store16: Path) -> None:
     rows = pd.read_parquet(store16 / "manifest.parquet")
-    ref = VolumeRef(rows["id"][0], tuple(rows["shape"][0]), str(store16 / "store.zarr"), None, None)
+    ref = VolumeRef(rows["id"][0], tuple(rows["shape"][0]), str(store16 / "store.zarr"))
+
+    def read(fs: FlakyFS) -> Volume | StoreError:
+        reader = Reader(fs, attempts=3, backoff_s=0.01)
+        ((_, _, volume),) = read_volumes([(0, ref)], read=lambda r: zarr_store.read(r, reader), prefetch=1)
+        return volume
+
     flaky = FlakyFS(failures=2)
-    ((_, _, volume),) = read_volumes([(0, ref)], fs=flaky, prefetch=1, attempts=3, backoff_s=0.01)
-    assert isinstance(volume, Volume) and flaky.calls == 3
+    assert isinstance(read(flaky), Volume) and flaky.calls == 3
     gone = FlakyFS(failures=9, error=FileNotFoundError)
-    ((_, _, error),) = read_volumes([(0, ref)], fs=gone, prefetch=1, attempts=3, backoff_s=0.01)
+    error = read(gone)
     assert isinstance(error, StoreError) and ref.id in str(error) and gone.calls == 1
     down = FlakyFS(failures=9)
-    ((_, _, error),) = read_volumes([(0, ref)], fs=down, prefetch=1, attempts=3, backoff_s=0.01)
+    error = read(down)
     assert isinstance(error, StoreError) and "ConnectionResetError" in str(error) and down.calls == 3
 
 
@@ -398,7 +393,8 @@ def test_a_fifo_in_place_of_a_stored_object_is_a_store_error_not_a_hang(store16:
     shutil.copytree(store16, copy)
     rows = pd.read_parquet(copy / "manifest.parquet")
     first = rows.sort_values("id").iloc[0]
-    path = copy / first["wds_shard"] if store == "wds" else copy / "store.zarr" / "volumes" / first["id"] / "c/0/0/0/0"
+    chunk = copy / "store.zarr" / zarr_store.group_path(first["id"]) / zarr_store.CHUNKS["image"]
+    path = copy / first["wds_shard"] if store == "wds" else chunk
     path.unlink()
     os.mkfifo(path)
     with pytest.raises(StoreError, match="not a regular file \\(a FIFO\\)"):

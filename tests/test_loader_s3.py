@@ -15,11 +15,20 @@ from moto.server import ThreadedMotoServer
 from openmind_tools.errors import StoreError
 from openmind_tools.loader import PatchDataset, make_loader
 
+REQUESTS: list[tuple[str, str]] = []  # (method, path) of every request the server answered
+
 
 @pytest.fixture(scope="module")
 def s3_options() -> Iterator[dict]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    app = server._server.app  # count every request, whichever process (a DataLoader worker) sends it
+
+    def counted(environ: dict, start_response: object) -> object:
+        REQUESTS.append((environ["REQUEST_METHOD"], environ["PATH_INFO"]))
+        return app(environ, start_response)
+
+    server._server.app = counted
     host, port = server.get_host_and_port()
     yield {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
     server.stop()
@@ -57,9 +66,37 @@ def test_patches_over_s3_equal_the_local_ones(stores: tuple[Path, str], s3_optio
 
 
 def test_missing_object_on_s3_names_the_volume_and_url(stores: tuple[Path, str], s3_options: dict) -> None:
-    _, remote = stores
+    local, remote = stores
     dataset = PatchDataset(f"{remote}/manifest.parquet", PATCH, storage_options=s3_options)
     lost = dataset.volumes[3].id
-    s3fs.S3FileSystem(**s3_options).rm(f"{remote}/store.zarr/volumes/{lost}", recursive=True)
-    with pytest.raises(StoreError, match=f"{lost}: no chunk at s3://loader-test/store/store.zarr/volumes/{lost}"):
-        list(make_loader(dataset, batch_size=4, num_workers=1))
+    fs = s3fs.S3FileSystem(**s3_options)
+    fs.rm(f"{remote}/store.zarr/volumes/{lost}", recursive=True)
+    try:
+        with pytest.raises(StoreError, match=f"{lost}: no chunk at s3://loader-test/store/store.zarr/volumes/{lost}"):
+            list(make_loader(dataset, batch_size=4, num_workers=1))
+    finally:  # the other tests read the same bucket
+        fs.put(str(local / "store.zarr" / "volumes" / lost), f"{remote}/store.zarr/volumes/{lost}", recursive=True)
+
+
+@pytest.mark.parametrize("cache", ["simplecache", "filecache"])
+@pytest.mark.parametrize("store", ["zarr", "wds"])
+def test_a_caching_url_reads_no_object_twice(stores: tuple[Path, str], s3_options: dict, tmp_path: Path, store: str,
+                                             cache: str) -> None:  # fmt: skip
+    local, remote = stores
+    options = {"s3": s3_options, cache: {"cache_storage": str(tmp_path / "cache")}}  # shared by the workers
+    dataset = PatchDataset(f"{cache}::{remote}/manifest.parquet", PATCH, store=store, seed=4, storage_options=options)
+    loader = make_loader(dataset, batch_size=4, num_workers=2)
+    expected = make_loader(PatchDataset(local / "manifest.parquet", PATCH, store=store, seed=4), batch_size=4,
+                           num_workers=2)  # fmt: skip
+    epochs = []
+    for _ in range(3):
+        REQUESTS.clear()
+        got = list(loader)
+        epochs.append(REQUESTS.copy())
+        for a, b in zip(got, list(expected), strict=True):
+            assert a["id"] == b["id"] and torch.equal(a["image"], b["image"])
+    loader.close()
+    expected.close()
+    objects = {path for method, path in epochs[0] if method == "GET"}
+    assert len(objects) == (20 if store == "zarr" else 2)  # 10 image + 10 mask objects, or the 2 shards, whole
+    assert epochs[1] == epochs[2] == []  # not one request: every byte came from the local cache

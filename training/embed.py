@@ -213,7 +213,7 @@ def _weights_checksum(net: ResidualEncoderUNet) -> str:
 
 def _cache_key(encoder: Encoder, dataset: PatchDataset, crops: CropPlan, device: torch.device, content: str) -> str:
     """Everything that decides the numbers: weights, where each volume is read, its bytes, crops, device (bf16)."""
-    where = hashlib.sha256("\n".join(f"{v.id}\t{v.zarr_root}\t{v.shard}\t{v.key}" for v in dataset.volumes).encode())
+    where = hashlib.sha256("\n".join(f"{v.id}\t{v.url}\t{v.span}" for v in dataset.volumes).encode())
     parts = {
         "format": CACHE_FORMAT,
         "encoder": encoder.checksum,

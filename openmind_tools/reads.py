@@ -1,0 +1,119 @@
+"""Reading store objects: whole or by byte range, several at once, with transient errors retried here only.
+
+Both store modules read through a `Reader`, so the retry policy wraps the filesystem once instead of
+travelling through every stage. `Reader.cat` is fsspec's `cat_ranges`: on S3 its ranges are fetched
+concurrently (one volume's image and mask objects cost one round trip); on local disk, one after the other.
+The reader is made inside each DataLoader worker (fsspec filesystems hold sockets and event loops).
+fsspec's caching URLs work as manifest and store roots: with `simplecache::s3://...` (or `filecache::`) and a
+`cache_storage` every worker shares, the second epoch reads no byte from object storage (a test counts requests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.cached import CachingFileSystem, SimpleCacheFileSystem
+
+from openmind_tools.errors import StoreError
+from openmind_tools.files import file_problem
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Not worth a retry: the object is not there (or not ours to read), or it is there and wrong.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StoreError)
+
+
+class Reader:
+    """Reads of store objects on `fs` (an fsspec filesystem), each retried `attempts` times with doubling waits."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, attempts: int = 4, backoff_s: float = 0.2) -> None:
+        self.fs, self.attempts, self.backoff_s = fs, attempts, backoff_s
+        # fsspec's filecache:: and blockcache:: keep metadata that concurrent threads corrupt (seen: a TypeError
+        # inside fsspec on the loader's prefetch threads), so their reads take turns; simplecache:: keeps none.
+        self._cached = isinstance(fs, CachingFileSystem)
+        unsafe = self._cached and not isinstance(fs, SimpleCacheFileSystem)
+        self._lock = threading.Lock() if unsafe else contextlib.nullcontext()
+
+    @classmethod
+    def for_url(cls, url: str, storage_options: dict[str, Any] | None = None, **retries: Any) -> Reader:
+        """A reader for the filesystem `url` lives on (chained URLs such as `simplecache::s3://...` included)."""
+        return cls(fsspec.core.url_to_fs(url, **(storage_options or {}))[0], **retries)
+
+    def cat(self, urls: Sequence[str], spans: Sequence[tuple[int, int] | None] | None = None) -> list[bytes]:
+        """The bytes of each object (or of its (offset, size) span), fetched together; a span cut short by the
+        object's end comes back short, for the caller to name."""
+        spans = spans or [None] * len(urls)
+        for url in urls:
+            if problem := self.problem(url):
+                raise StoreError(f"{url}: {problem}")
+        starts = [None if s is None else s[0] for s in spans]
+        ends = [None if s is None else s[0] + s[1] for s in spans]
+
+        paths = [url.rsplit("::", 1)[-1] for url in urls]  # a chained URL's last link: what its filesystem reads
+
+        def fetch() -> list[bytes]:
+            with self._lock, self._cache_locks(paths):
+                out = self.fs.cat_ranges(paths, starts, ends, on_error="return")
+            for result in out:
+                if isinstance(result, BaseException):
+                    raise result
+            return out
+
+        return with_retries(fetch, attempts=self.attempts, backoff_s=self.backoff_s, what=", ".join(urls))
+
+    @contextlib.contextmanager
+    def _cache_locks(self, paths: Sequence[str]) -> Iterator[None]:
+        """With a cache shared by several processes, hold a file lock per object while reading it: fsspec downloads
+        into the cache file's final name, so another DataLoader worker would read it half-written (seen here)."""
+        if not self._cached:
+            yield
+            return
+        folder = Path(self.fs.storage[-1])
+        folder.mkdir(parents=True, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            for name in sorted({hashlib.sha256(p.encode()).hexdigest()[:32] for p in paths}):  # one order: no deadlock
+                lock = stack.enter_context(open(folder / f"{name}.lock", "w"))
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def problem(self, url: str) -> str | None:
+        """Why a store object on local disk is no regular file (a FIFO would block the read forever), else None.
+
+        Remote objects and absent ones pass: the read itself reports those (with its retries and its message).
+        """
+        from fsspec.implementations.local import LocalFileSystem
+
+        if not isinstance(self.fs, LocalFileSystem):
+            return None
+        problem = file_problem(self.fs._strip_protocol(url))
+        return None if problem == "file not found" else problem
+
+
+def with_retries(fn: Callable[[], T], *, attempts: int, backoff_s: float, what: str) -> T:
+    """Call `fn`, retrying transient I/O errors (connection reset, timeout, 5xx) with doubling waits.
+
+    A missing or corrupt object is not transient: it raises at once.
+    """
+    failures = 0
+    while True:
+        try:
+            return fn()
+        except _PERMANENT:
+            raise
+        except (OSError, TimeoutError) as e:
+            failures += 1
+            if failures >= attempts:
+                raise
+            wait = backoff_s * 2 ** (failures - 1)
+            log.warning("%s: %s: %s; retry %d of %d in %.2f s", what, type(e).__name__, e, failures, attempts - 1, wait)
+            time.sleep(wait)
