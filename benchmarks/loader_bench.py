@@ -78,7 +78,7 @@ def run(work: Path, latency_ms: float, shard_bytes: int) -> list[dict[str, Any]]
     corpus = work / "corpus"
     if not (work / "out" / "manifest.parquet").is_file():
         write_demo_corpus(corpus)
-        convert(corpus, work / "out", formats=("zarr", "wds"), shard_bytes=shard_bytes, progress=False)
+        convert(corpus, work / "out", formats=("zarr", "wds"), shard_bytes=shard_bytes, progress=False, codec="lz4")
     if not (work / "out_lz4hc" / "manifest.parquet").is_file():
         convert(corpus, work / "out_lz4hc", formats=("zarr",), codec="lz4hc", progress=False)
     manifest, lz4hc = work / "out" / "manifest.parquet", work / "out_lz4hc" / "manifest.parquet"
@@ -91,12 +91,12 @@ def run(work: Path, latency_ms: float, shard_bytes: int) -> list[dict[str, Any]]
     _warm_page_cache([work / "out", work / "out_lz4hc", work / "nifti", work / "nnssl", corpus])
     floors = {cname: decode_floor(volumes, *zarr_store.CODECS[cname]) for cname in ("lz4", "lz4hc")}
     rows = []
-    for name, path, store in (("zarr", manifest, "zarr"), ("zarr lz4hc", lz4hc, "zarr"), ("wds", manifest, "wds")):
+    for name, path, store in (("zarr lz4", manifest, "zarr"), ("zarr lz4hc", lz4hc, "zarr"), ("wds", manifest, "wds")):
         # the pipeline alone: no DataLoader worker, no shared memory
         dataset = PatchDataset(path, PATCH, store=store, crops_per_volume=1, foreground_bias=0.9, prefetch=0)
         rows.append(ours(f"loader {name}, c=1, in-process", dataset, 0))
     for workers in (1, 2):
-        for name, path, store, crops in (("zarr", manifest, "zarr", 1), ("zarr", manifest, "zarr", 2),
+        for name, path, store, crops in (("zarr lz4", manifest, "zarr", 1), ("zarr lz4", manifest, "zarr", 2),
                                          ("zarr lz4hc", lz4hc, "zarr", 1), ("wds", manifest, "wds", 1),
                                          ("wds", manifest, "wds", 2)):  # fmt: skip
             dataset = PatchDataset(path, PATCH, store=store, crops_per_volume=crops, foreground_bias=0.9)
@@ -298,7 +298,7 @@ def s3_rows(out: Path, table: pd.DataFrame, latency_ms: float) -> list[dict]:
         for latency in (0.0, latency_ms):
             SlowS3FileSystem.latency_s = latency / 1e3
             SlowS3FileSystem.clear_instance_cache()
-            for store, column in (("zarr", "zarr_nbytes"), ("wds", "wds_nbytes")):
+            for store, column in (("zarr", "zarr_nbytes"), ("wds", "wds_nbytes")):  # the lz4 store
                 dataset = PatchDataset("slows3://bench/manifest.parquet", PATCH, store=store, crops_per_volume=1,
                                        foreground_bias=0.9, storage_options=options, prefetch=4)  # fmt: skip
                 name = f"loader {store}, c=1, S3 +{latency:.0f} ms/request"

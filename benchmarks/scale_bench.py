@@ -142,16 +142,18 @@ def measure(count: int, base: Path, workers: int) -> dict[str, float]:
     journaled = {json.loads(line)["volume"]["id"] for line in journal.read_text().splitlines()
                  if line.startswith('{"volume"')}  # fmt: skip
     volumes = killed / "store.zarr" / "volumes"
-    stored = {str(p.relative_to(volumes)) for p in volumes.glob("*/*/*/*/*")}
+    stored = {str(p.parent.relative_to(volumes)) for p in volumes.rglob("zarr.json") if (p.parent / "image").is_dir()}
     row["converted again after kill -9"] = len(stored - journaled)
     timed(convert_command(root, killed, workers))
 
-    code = ("import gc, time, tracemalloc; from openmind_tools.loader import PatchDataset; tracemalloc.start(); "
-            f"t = time.perf_counter(); d = PatchDataset({str(out / 'manifest.parquet')!r}, 16); "
-            "s = time.perf_counter() - t; gc.collect(); print(s, tracemalloc.get_traced_memory()[0])")  # fmt: skip
-    build, refs = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                 check=True).stdout.split()  # fmt: skip
-    row |= {"PatchDataset build s": float(build), "PatchDataset MB (what each worker holds)": int(refs) / 1e6}
+    for store in ("zarr", "wds"):
+        code = ("import gc, time, tracemalloc; from openmind_tools.loader import PatchDataset; tracemalloc.start(); "
+                f"t = time.perf_counter(); d = PatchDataset({str(out / 'manifest.parquet')!r}, 16, store={store!r}); "
+                "s = time.perf_counter() - t; gc.collect(); print(s, tracemalloc.get_traced_memory()[0])")  # fmt: skip
+        build, refs = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                     check=True).stdout.split()  # fmt: skip
+        row |= {f"PatchDataset({store}) build s": float(build),
+                f"PatchDataset({store}) MB (what each worker holds)": int(refs) / 1e6}  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
     return row
 

@@ -5,7 +5,7 @@ then by DataLoader worker, `crops_per_volume` patches per read, because a 160^3 
 1 mm head and the read + decode is the cost. PatchLoader batches are dicts: image (B, 1, P, P, P) float16,
 anatomy/deface/valid (B, 1, P, P, P) uint8, origin (B, 3) int64 (the patch's first voxel in the stored
 volume, negative where padded), id (list of B volume ids). `make_loader` wraps a torch DataLoader and
-copies each batch to the device on a side CUDA stream one batch ahead. docs: notes/loader.md.
+copies each batch to the device on a side CUDA stream one batch ahead. The README's loader section has the numbers.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from openmind_tools.volume import Volume, VolumeRef
 # lives), check (once per dataset, before any epoch) and read (one VolumeRef -> a checked Volume).
 STORES = {store.NAME: store for store in (zarr_store, wds_store)}
 ON_ERROR = ("raise", "skip")
-STATE_FORMAT = "openmind-loader/1"
+STATE_FORMAT = "openmind-loader/2"  # 2: tar samples planned per volume like Zarr (no shard order, no shuffle buffer)
 
 
 class PatchDataset(IterableDataset):
@@ -435,7 +435,8 @@ def _volume_refs(rows: pd.DataFrame, store: Any, base: str | None, metadata: lis
         return urls[path]
 
     volumes = []
-    for i, row in enumerate(rows.itertuples(index=False)):
+    needed = rows[["id", "shape", *store.MANIFEST_COLUMNS]]  # itertuples over every column cost 4x (measured)
+    for i, row in enumerate(needed.itertuples(index=False)):
         url, span, crc32c = store.locate(row, resolve)
         shape = tuple(int(s) for s in row.shape)
         volumes.append(VolumeRef(row.id, shape, url, span, crc32c, metadata[i] if metadata else ()))

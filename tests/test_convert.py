@@ -223,6 +223,25 @@ def test_other_settings_into_the_same_folder_are_refused(demo_corpus: Path, tmp_
         convert(demo_corpus, tmp_path / "out", PreprocessSettings(spacing=2.0), limit=1, progress=False)
 
 
+def test_each_codec_stores_the_same_volumes_and_a_resume_keeps_its_codec(demo_corpus: Path, tmp_path: Path) -> None:
+    sizes, volumes = {}, {}
+    for codec in zarr_store.CODECS:
+        out = tmp_path / codec
+        convert(demo_corpus, out, limit=2, progress=False, codec=codec)
+        rows = pd.read_parquet(out / "manifest.parquet")
+        group = zarr_store.open_volume(out / "store.zarr", rows["id"][0])
+        assert group["image"].compressors[0].cname.value == zarr_store.CODECS[codec][0]
+        volumes[codec] = zarr_store.read_volume(str(out / "store.zarr"), rows["id"][0], tuple(rows["shape"][0]))
+        sizes[codec] = int(rows["zarr_nbytes"].sum())
+        assert list(rows["checksum"]) == list(pd.read_parquet(tmp_path / "lz4" / "manifest.parquet")["checksum"])
+    assert sizes["zstd"] < sizes["lz4hc"] < sizes["lz4"]  # the trade the --codec help describes
+    assert all(np.array_equal(v.image, volumes["lz4"].image) for v in volumes.values())
+    with pytest.raises(ConfigError, match="'codec': 'lz4'.*'codec': 'zstd'.*use another output folder"):
+        convert(demo_corpus, tmp_path / "lz4", limit=2, progress=False, codec="zstd")
+    with pytest.raises(ConfigError, match="codec: expected one of"):
+        convert(demo_corpus, tmp_path / "new", limit=2, progress=False, codec="gzip")
+
+
 def test_verify_catches_a_single_flipped_byte(demo_corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     convert(demo_corpus, out, formats=("zarr", "wds"), limit=3, progress=False)
