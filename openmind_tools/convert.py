@@ -317,16 +317,16 @@ def _claim(out: Path, settings: PreprocessSettings, formats: tuple[str, ...], in
     path = out / RUN_FILE
     if path.is_file():
         previous = json.loads(path.read_text())
-        kept = ("settings", "formats", "codec")
-        if any(previous.get(k) != run[k] for k in kept):
-            was, now = ({k: r.get(k) for k in kept} for r in (previous, run))
-            raise ConfigError(f"{out} holds a conversion with {was}; this run asks for {now}: use another output "
-                              "folder")  # fmt: skip
         if previous.get("converter_version") != __version__:  # another store layout: mixing would break reads
             raise ConfigError(
                 f"{out} was written by converter {previous.get('converter_version')}, this is {__version__}: "
                 "convert into a new output folder"
             )
+        kept = ("settings", "formats", "codec")
+        if any(previous.get(k) != run[k] for k in kept):
+            was, now = ({k: r.get(k) for k in kept} for r in (previous, run))
+            raise ConfigError(f"{out} holds a conversion with {was}; this run asks for {now}: use another output "
+                              "folder")  # fmt: skip
     atomic_write_text(path, json.dumps(run, indent=1))
 
 

@@ -95,17 +95,17 @@ class PatchDataset(IterableDataset):
     ) -> None:
         super().__init__()
         self.patch_size = _patch_size(patch_size)
-        if store not in STORES:
-            raise ConfigError(f"store: expected one of {STORES}, got {store!r}")
+        if not isinstance(store, str) or store not in STORES:
+            raise ConfigError(f"store: expected one of {sorted(STORES)}, got {store!r}")
         if on_error not in ON_ERROR:
             raise ConfigError(f"on_error: expected one of {ON_ERROR}, got {on_error!r}")
         if crops_per_volume < 1:
             raise ConfigError(f"crops_per_volume: expected at least 1, got {crops_per_volume}")
         if not 0.0 <= foreground_bias <= 1.0:
             raise ConfigError(f"foreground_bias: expected a probability in [0, 1], got {foreground_bias}")
-        if attempts < 1 or prefetch < 0 or not backoff_s >= 0:
-            raise ConfigError(f"attempts >= 1, prefetch >= 0, backoff_s >= 0 expected, got {attempts}, {prefetch}, "
-                              f"{backoff_s}")  # fmt: skip
+        if not 1 <= attempts <= 20 or prefetch < 0 or not 0 <= backoff_s <= 60:
+            raise ConfigError(f"attempts in [1, 20], prefetch >= 0, backoff_s in [0, 60] s expected, got {attempts}, "
+                              f"{prefetch}, {backoff_s}")  # fmt: skip
         self.store, self.crops_per_volume, self.foreground_bias = store, crops_per_volume, foreground_bias
         self.seed, self.on_error, self.prefetch = seed, on_error, prefetch
         self.attempts, self.backoff_s = attempts, backoff_s
@@ -437,10 +437,21 @@ def _volume_refs(rows: pd.DataFrame, store: Any, base: str | None, metadata: lis
     volumes = []
     needed = rows[["id", "shape", *store.MANIFEST_COLUMNS]]  # itertuples over every column cost 4x (measured)
     for i, row in enumerate(needed.itertuples(index=False)):
+        shape = _shape(row.id, row.shape)
         url, span, crc32c = store.locate(row, resolve)
-        shape = tuple(int(s) for s in row.shape)
         volumes.append(VolumeRef(row.id, shape, url, span, crc32c, metadata[i] if metadata else ()))
     return volumes
+
+
+def _shape(volume_id: str, value: Any) -> tuple[int, int, int]:
+    """A manifest shape cell as 3 positive ints, or a ConfigError naming the volume."""
+    try:
+        shape = tuple(int(s) for s in value if float(s) == int(s))
+    except (TypeError, ValueError, OverflowError):
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1 or len(shape) != len(value):
+        raise ConfigError(f"volume {volume_id}: the manifest's shape {value!r} is not 3 positive integers")
+    return shape
 
 
 def _resolve(base: str | None, path: str) -> str:

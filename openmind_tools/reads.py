@@ -11,9 +11,11 @@ fsspec's caching URLs work as manifest and store roots: with `simplecache::s3://
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +31,7 @@ from openmind_tools.files import file_problem
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+_NO_LOCKS = {errno.EROFS, errno.EACCES, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 # Not worth a retry: the object is not there (or not ours to read), or it is there and wrong.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StoreError)
 
@@ -43,6 +46,7 @@ class Reader:
         self._cached = isinstance(fs, CachingFileSystem)
         unsafe = self._cached and not isinstance(fs, SimpleCacheFileSystem)
         self._lock = threading.Lock() if unsafe else contextlib.nullcontext()
+        self._unlockable = False
 
     @classmethod
     def for_url(cls, url: str, storage_options: dict[str, Any] | None = None, **retries: Any) -> Reader:
@@ -63,27 +67,52 @@ class Reader:
 
         def fetch() -> list[bytes]:
             with self._lock, self._cache_locks(paths):
-                out = self.fs.cat_ranges(paths, starts, ends, on_error="return")
-            for result in out:
-                if isinstance(result, BaseException):
-                    raise result
+                try:
+                    out = self.fs.cat_ranges(paths, starts, ends, on_error="return")
+                    failed = next((r for r in out if isinstance(r, BaseException)), None)
+                except BaseException:
+                    self.forget(urls)  # a download cut off mid-way would stay in the cache as the object
+                    raise
+            if failed is not None:
+                self.forget(urls)
+                raise failed
             return out
 
         return with_retries(fetch, attempts=self.attempts, backoff_s=self.backoff_s, what=", ".join(urls))
 
+    def forget(self, urls: Sequence[str]) -> None:
+        """Drop the cached copies of `urls` (after a failed or damaged read), so the next read fetches them again."""
+        if not self._cached:
+            return
+        for url in urls:
+            found = self.fs._check_file(
+                url.rsplit("::", 1)[-1]
+            )  # fsspec: the cache file's path, (detail, path) or None
+            path = found[1] if isinstance(found, tuple) else found
+            if path:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
     @contextlib.contextmanager
     def _cache_locks(self, paths: Sequence[str]) -> Iterator[None]:
         """With a cache shared by several processes, hold a file lock per object while reading it: fsspec downloads
-        into the cache file's final name, so another DataLoader worker would read it half-written (seen here)."""
-        if not self._cached:
+        into the cache file's final name, so another DataLoader worker would read it half-written (seen here).
+        Where the cache folder takes no locks (read-only, or a file system without flock), reads go unlocked."""
+        if not self._cached or self._unlockable:
             yield
             return
-        folder = Path(self.fs.storage[-1])
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = Path(self.fs.storage[-1]) / ".locks"
         with contextlib.ExitStack() as stack:
-            for name in sorted({hashlib.sha256(p.encode()).hexdigest()[:32] for p in paths}):  # one order: no deadlock
-                lock = stack.enter_context(open(folder / f"{name}.lock", "w"))
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                for name in sorted({hashlib.sha256(p.encode()).hexdigest()[:32] for p in paths}):  # one order
+                    lock = stack.enter_context(open(folder / name, "w"))
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as e:
+                if e.errno not in _NO_LOCKS:
+                    raise
+                log.warning("%s takes no file locks (%s): cached reads go unlocked", folder, e)
+                self._unlockable = True
             yield
 
     def problem(self, url: str) -> str | None:

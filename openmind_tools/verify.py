@@ -19,6 +19,7 @@ import fsspec
 
 from openmind_tools import wds_store, zarr_store
 from openmind_tools.errors import ConfigError
+from openmind_tools.files import file_problem
 from openmind_tools.manifest_io import MANIFEST, read_table
 from openmind_tools.parallel import run_tasks
 from openmind_tools.reads import Reader
@@ -95,6 +96,7 @@ def repair(out: str | Path, problems: list[Problem], client: Any = None, progres
             f"{out / RUN_FILE} does not record the corpus root (written by an older converter): "
             "rerun 'openmind-convert ROOT OUT' with the original arguments instead"
         ) from None
+    codec = run.get("codec", zarr_store.DEFAULT_CODEC)  # the rerun must match the folder's codec, or it is refused
     zarr_root = out / (ZARR_DIR if "zarr" in run["formats"] else STAGING_DIR)
     for problem in problems:
         if problem.store == "zarr" and problem.volume_id is not None:
@@ -103,7 +105,7 @@ def repair(out: str | Path, problems: list[Problem], client: Any = None, progres
             problem.path.unlink(missing_ok=True)  # the rerun repacks it from the Zarr copy
     return convert(root, out, settings=PreprocessSettings.from_dict(run["settings"]), formats=run["formats"],
                    modalities=run["modalities"], limit=run["limit"], shard_bytes=run["shard_bytes"], client=client,
-                   progress=progress)  # fmt: skip
+                   progress=progress, codec=codec)  # fmt: skip
 
 
 def _check_shard(job: tuple[str, list[dict[str, Any]]], out: str) -> list[Problem]:
@@ -124,4 +126,30 @@ def _check_shard(job: tuple[str, list[dict[str, Any]]], out: str) -> list[Proble
             continue
         if volume.checksum() != row.checksum:
             problems.append(Problem(row.id, path, "wds", "checksum differs from the manifest"))
-    return problems
+    return problems + _tiling(path, rows)
+
+
+def _tiling(path: Path, rows: list[dict[str, Any]]) -> list[Problem]:
+    """The manifest's sample spans must cover the shard from its start with no gap, and end in tar's zero blocks:
+    bytes no span names are a sample the manifest places elsewhere, or damage that `tar tf` and webdataset, which
+    read the shard whole, would trip on while the loader's span reads would not."""
+    try:
+        spans = sorted((int(r["wds_offset"]), int(r["wds_size"])) for r in rows)
+        size = path.stat().st_size
+    except (OSError, TypeError, ValueError, OverflowError):
+        spans, size = [], 0
+    if not spans or file_problem(path) or spans[-1][0] + spans[-1][1] > size:  # a FIFO would block the read
+        return []  # missing, no file, or cut short: each sample's read has already named what is wrong
+    end = 0
+    for offset, length in spans:
+        if offset != end:
+            return [Problem(None, path, "wds", f"bytes {min(end, offset)}-{max(end, offset)} belong to no sample of "
+                            "the manifest, or two samples overlap (a sample placed elsewhere, or damage)")]  # fmt: skip
+        end = offset + length
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read(size - end)
+    if len(tail) < 1024 or tail.count(0) != len(tail):
+        return [Problem(None, path, "wds", f"the {len(tail)} bytes after the last sample are not tar's end-of-archive "
+                        "zero blocks (bytes appended, or damage): tar tf and webdataset would fail")]  # fmt: skip
+    return []

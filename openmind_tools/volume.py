@@ -49,7 +49,7 @@ class Volume:
 
     @cached_property
     def mask_code(self) -> np.ndarray:
-        """The code as uint8 (a no-op for uint8 codes)."""
+        """The code as uint8: a no-op for what the stores hand out; preprocessing and tests may pass other dtypes."""
         return self.code.astype(np.uint8, copy=False)
 
     @property

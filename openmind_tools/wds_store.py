@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -106,14 +107,20 @@ def locate(row: Any, resolve: Callable[[str], str]) -> tuple[str, tuple[int, int
     if crcs is None:
         raise ConfigError(f"volume {row.id}: the manifest's wds_crc32c is {row.wds_crc32c!r}, not 3 member checksums "
                           "(32-bit integers)")  # fmt: skip
-    try:
-        span = (int(row.wds_offset), int(row.wds_size))
-    except (TypeError, ValueError):
-        span = (-1, -1)
-    if span[0] < 0 or span[0] % 512 or span[1] < 3 * 512:
+    span = tuple(_whole(v) for v in (row.wds_offset, row.wds_size))
+    largest = sample_nbytes(row.shape) + 2**20  # the two arrays, with room for the json and the tar headers
+    if not 0 <= span[0] < 2**48 or span[0] % 512 or span[1] % 512 or not 3 * 512 <= span[1] <= largest:
         raise ConfigError(f"volume {row.id}: the manifest's wds_offset / wds_size ({row.wds_offset!r}, "
                           f"{row.wds_size!r}) are no sample span of a tar shard")  # fmt: skip
     return resolve(row.wds_shard), span, crcs
+
+
+def _whole(value: Any) -> int:
+    """An integer manifest cell (a float only if whole), else -1."""
+    try:
+        return int(value) if float(value) == int(value) else -1
+    except (TypeError, ValueError, OverflowError):
+        return -1
 
 
 def member_crcs(value: Any) -> tuple[int, int, int] | None:
@@ -144,8 +151,10 @@ def read(ref: VolumeRef, reader: Reader, settings_hash: str | None = None) -> Vo
             raise StoreError(f"{label}: the shard ends after {len(raw)} of the sample's bytes (cut short?)")
         volume_id, volume, meta = decode_sample(_members(raw, label), ref.shape, ref.crc32c)
     except StoreError as e:
+        reader.forget([ref.url])  # a damaged copy in a local cache (simplecache::) is fetched again next time
         raise StoreError(f"volume {ref.id}: {e}") from None
-    except (ValueError, KeyError, TypeError) as e:  # a member that passed its CRC but is no array or json of ours
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError, MemoryError) as e:  # passed its CRC, but
+        # is no array or json of ours (a json nested 100,000 deep, a PAX header with a size of 1e30, ...)
         raise StoreError(f"volume {ref.id}: sample {label}: {type(e).__name__}: {e}") from None
     if volume_id != ref.id:
         raise StoreError(f"volume {ref.id}: sample {label} holds volume {volume_id}")
@@ -163,8 +172,8 @@ def _members(raw: bytes, label: str) -> dict[str, Any]:
         with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
             for info in tar:
                 key, _, ext = info.name.partition(".")
-                if not info.isfile():
-                    raise StoreError(f"sample {label}: member {info.name!r} is not a regular file")
+                if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.offset_data + info.size > len(raw):
+                    raise StoreError(f"sample {label}: member {info.name!r} is not a regular file within the span")
                 if sample["__key__"] not in (None, key):
                     raise StoreError(f"sample {label}: member {info.name!r} belongs to another sample (a span that "
                                      "does not match the shard?)")  # fmt: skip
@@ -179,7 +188,7 @@ def _members(raw: bytes, label: str) -> dict[str, Any]:
 def decode_sample(
     sample: dict[str, Any], shape: Sequence[int] | None = None, crc32c: Sequence[int] | None = None
 ) -> tuple[str, Volume, dict[str, Any]]:
-    """Decode a raw webdataset sample (bytes per member) into (volume id, volume, json metadata).
+    """Decode a raw webdataset sample (bytes, or uint8 views, per member) into (volume id, volume, json metadata).
 
     With the manifest's `crc32c` (one per member), every member's bytes are checked before anything is decoded.
     With the manifest's `shape`, the arrays are checked before anyone crops them: 3 axes of that shape, a
@@ -228,7 +237,7 @@ def _load_npy(payload: bytes | np.ndarray) -> np.ndarray:
     shape, fortran, dtype = read_header(header)
     if dtype.hasobject:
         raise ValueError("an object array (would need unpickling)")
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact: np.prod wraps around in int64
     if header.tell() + count * dtype.itemsize != len(payload):
         raise ValueError(f"{len(payload) - header.tell()} data bytes for {count} values of {dtype}")
     return np.frombuffer(payload, dtype, count, header.tell()).reshape(shape, order="F" if fortran else "C")

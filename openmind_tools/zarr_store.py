@@ -16,6 +16,7 @@ per-call overhead by fetching the chunk objects and decoding them with numcodecs
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -148,12 +149,22 @@ def read_volume(root: str, volume_id: str, shape: tuple[int, int, int], reader: 
         raise StoreError(f"volume {volume_id}: no chunk at {e.filename or base}") from None
     except StoreError as e:
         raise StoreError(f"volume {volume_id}: {e}") from None
-    arrays = []
-    for url, raw, dtype in zip(urls, raws, ARRAYS.values(), strict=True):
-        data = np.empty(shape, dtype)  # writable, so torch can wrap crops of it without a copy
-        numcodecs.blosc.decompress(check_chunk(raw, data.nbytes, dtype.itemsize, f"volume {volume_id}: {url}"), data)
-        arrays.append(data)
-    return Volume(*arrays)
+    try:
+        return Volume(*(_decoded(raw, shape, dtype, f"volume {volume_id}: {url}")
+                        for url, raw, dtype in zip(urls, raws, ARRAYS.values(), strict=True)))  # fmt: skip
+    except StoreError:
+        reader.forget(urls)  # a damaged copy in a local cache (simplecache::) is fetched again next time
+        raise
+
+
+def _decoded(raw: bytes, shape: tuple[int, int, int], dtype: np.dtype, where: str) -> np.ndarray:
+    body = check_chunk(raw, math.prod(shape) * dtype.itemsize, dtype.itemsize, where)  # before any allocation
+    data = np.empty(shape, dtype)
+    try:
+        numcodecs.blosc.decompress(body, data)
+    except RuntimeError as e:  # a header with the right sizes but a bad version, block size or offsets
+        raise StoreError(f"{where}: blosc cannot decode it ({e})") from None
+    return data
 
 
 def check_chunk(raw: bytes, nbytes: int, itemsize: int, where: str) -> bytes:

@@ -101,12 +101,14 @@ def test_a_full_disk_stops_the_run_blames_no_input_and_the_rerun_finishes(
 
 def test_a_rerun_reconverts_deleted_samples_and_verify_repair_heals_damage(demo_corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    convert(demo_corpus, out, formats=("zarr", "wds"), limit=4, shard_bytes=30 * 2**20, progress=False)
+    options = {"formats": ("zarr", "wds"), "limit": 4, "shard_bytes": 30 * 2**20, "progress": False,
+               "codec": "lz4hc"}  # not the default: a repair must convert with the folder's own codec  # fmt: skip
+    convert(demo_corpus, out, **options)
     before = pd.read_parquet(out / "manifest.parquet")
     assert before["wds_shard"].nunique() > 1
     first, second = before.iloc[0], before.iloc[3]
     shutil.rmtree(out / "store.zarr" / first["zarr_array"])
-    summary = convert(demo_corpus, out, formats=("zarr", "wds"), limit=4, shard_bytes=30 * 2**20, progress=False)
+    summary = convert(demo_corpus, out, **options)
     assert summary.skipped == 3 and verify(out, progress=False) == []  # the journal no longer trusted alone
 
     chunk = out / "store.zarr" / second["zarr_array"] / zarr_store.CHUNKS["image"]

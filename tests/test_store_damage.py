@@ -245,8 +245,8 @@ def test_a_manifest_of_an_older_converter_is_refused_with_what_to_do(store: Path
 
 @pytest.mark.parametrize(("column", "holes"), [
     ("wds_crc32c", (None, "abc", [1, 2, -3], [1, 2, 2**32], [1.5, 2, 3])),  # a hand-made manifest, not parquet's
-    ("wds_offset", (None, "abc", -512, 100)),
-    ("wds_size", (None, 0, 511)),
+    ("wds_offset", (None, "abc", -512, 100, float("inf"), 512.5, 2**70)),
+    ("wds_size", (None, 0, 511, 2048 + 1, 2**62, float("nan"))),
 ])  # fmt: skip
 def test_a_malformed_sample_location_is_refused_naming_the_volume(store: Path, column: str, holes: tuple) -> None:
     rows, _ = read_table(store / "manifest.parquet")
@@ -267,3 +267,54 @@ def test_a_shard_member_that_is_not_a_file_is_named(tmp_path: Path) -> None:
     ref = VolumeRef("v", (1, 1, 1), str(shard), (0, 1536), (0, 0, 0))
     with pytest.raises(StoreError, match="member 'v.image.npy' is not a regular file"):
         wds_store.read(ref, Reader.for_url(str(shard)))
+
+
+def test_a_chunk_blosc_cannot_decode_is_a_store_error(store: Path) -> None:
+    chunk = _chunk(store)
+    body = bytearray(chunk.read_bytes()[:-4])
+    body[8:12] = (0).to_bytes(4, "little")  # block size 0: the sizes and the CRC still match
+    chunk.write_bytes(bytes(body) + google_crc32c.value(bytes(body)).to_bytes(4, "little"))
+    victim = _victim(store)
+    with pytest.raises(StoreError, match=f"{victim['id']}.*blosc cannot decode it"):
+        zarr_store.read_volume(str(store / "store.zarr"), victim["id"], tuple(victim["shape"]))
+
+
+@pytest.mark.parametrize(("argument", "message"), [
+    ({"store": ["zarr"]}, "store: expected one of"),
+    ({"attempts": 100}, "attempts in"),
+    ({"backoff_s": float("inf")}, "backoff_s in"),
+])  # fmt: skip
+def test_bad_loader_arguments_are_config_errors(store: Path, argument: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        PatchDataset(store / "manifest.parquet", PATCH, **argument)
+
+
+@pytest.mark.parametrize("shape", [[30, 0, 30], [30, 30], "abc", None, [30.5, 30, 30]])
+def test_a_malformed_manifest_shape_is_refused_naming_the_volume(store: Path, shape: object) -> None:
+    rows, _ = read_table(store / "manifest.parquet")
+    victim = rows["id"].iloc[VICTIM]
+    holed = rows.assign(shape=[shape if i == VICTIM else list(c) for i, c in enumerate(rows["shape"])])
+    with pytest.raises(ConfigError, match=f"volume {victim}: the manifest's shape"):
+        PatchDataset(holed, PATCH, root=store)
+
+
+def test_verify_names_bytes_that_belong_to_no_sample(converted: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(converted, out)
+    shard = out / pd.read_parquet(out / "manifest.parquet")["wds_shard"].iloc[0]
+    shard.write_bytes(shard.read_bytes() + b"appended")  # every sample still reads: only the tail is wrong
+    done = _verify(out)
+    assert done.returncode == EXIT_FAILURES and "Traceback" not in done.stderr
+    assert f"{shard}: the" in done.stdout and "end-of-archive" in done.stdout
+
+
+def test_a_damaged_cached_copy_is_dropped_and_read_again(tmp_path: Path) -> None:
+    (tmp_path / "object").write_bytes(b"x" * 4096)
+    url = f"simplecache::file://{tmp_path / 'object'}"
+    reader = Reader.for_url(url, {"simplecache": {"cache_storage": str(tmp_path / "cache")}})
+    assert reader.cat([url]) == [b"x" * 4096]
+    (cached,) = [p for p in (tmp_path / "cache").iterdir() if p.is_file()]
+    cached.write_bytes(b"x" * 100)  # a download cut short, left in the cache
+    assert reader.cat([url]) == [b"x" * 100]  # the cache is trusted ...
+    reader.forget([url])  # ... until a check fails and the store's read forgets it
+    assert reader.cat([url]) == [b"x" * 4096]
