@@ -4,8 +4,9 @@ Both store modules read through a `Reader`, so the retry policy wraps the filesy
 travelling through every stage. `Reader.cat` is fsspec's `cat_ranges`: on S3 its ranges are fetched
 concurrently (one volume's image and mask objects cost one round trip); on local disk, one after the other.
 The reader is made inside each DataLoader worker (fsspec filesystems hold sockets and event loops).
-fsspec's caching URLs work as manifest and store roots: with `simplecache::s3://...` (or `filecache::`) and a
-`cache_storage` every worker shares, the second epoch reads no byte from object storage (a test counts requests).
+fsspec's caching URLs work as manifest and store roots: with `simplecache::s3://...` and a `cache_storage` every
+worker shares, the second epoch reads no byte from object storage (a test counts requests). `filecache::` works
+too, but its metadata file loses entries when several processes share the folder (an object fetched twice).
 """
 
 from __future__ import annotations
