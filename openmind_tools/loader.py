@@ -41,6 +41,7 @@ from openmind_tools.loader_stages import (
     wrap_to_multiple,
 )
 from openmind_tools.manifest import balance_weights, resolve_manifest
+from openmind_tools.manifest_io import whole_number
 from openmind_tools.reads import Reader
 from openmind_tools.volume import Volume, VolumeRef
 
@@ -446,10 +447,10 @@ def _volume_refs(rows: pd.DataFrame, store: Any, base: str | None, metadata: lis
 def _shape(volume_id: str, value: Any) -> tuple[int, int, int]:
     """A manifest shape cell as 3 positive ints, or a ConfigError naming the volume."""
     try:
-        shape = tuple(int(s) for s in value if float(s) == int(s))
-    except (TypeError, ValueError, OverflowError):
+        shape = () if isinstance(value, str | bytes) else tuple(whole_number(s) for s in value)
+    except TypeError:  # not a sequence
         shape = ()
-    if len(shape) != 3 or min(shape) < 1 or len(shape) != len(value):
+    if len(shape) != 3 or None in shape or min(shape) < 1:
         raise ConfigError(f"volume {volume_id}: the manifest's shape {value!r} is not 3 positive integers")
     return shape
 

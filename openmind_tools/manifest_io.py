@@ -36,3 +36,13 @@ def read_table(path: str | Path, storage_options: dict[str, Any] | None = None) 
         table = pq.read_table(f)
     raw = (table.schema.metadata or {}).get(META_KEY)
     return table.to_pandas(), json.loads(raw) if raw else {}
+
+
+def whole_number(value: Any) -> int | None:
+    """A manifest cell that should hold an integer, as an int (a float only if whole), else None: a hand-made or
+    damaged manifest may hold strings, NaN, inf or 512.5 where the converter wrote integers."""
+    try:
+        number = int(value)
+        return number if float(value) == number else None
+    except (TypeError, ValueError, OverflowError):
+        return None

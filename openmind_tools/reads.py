@@ -63,7 +63,6 @@ class Reader:
                 raise StoreError(f"{url}: {problem}")
         starts = [None if s is None else s[0] for s in spans]
         ends = [None if s is None else s[0] + s[1] for s in spans]
-
         paths = [url.rsplit("::", 1)[-1] for url in urls]  # a chained URL's last link: what its filesystem reads
 
         def fetch() -> list[bytes]:
@@ -86,9 +85,7 @@ class Reader:
         if not self._cached:
             return
         for url in urls:
-            found = self.fs._check_file(
-                url.rsplit("::", 1)[-1]
-            )  # fsspec: the cache file's path, (detail, path) or None
+            found = self.fs._check_file(url.rsplit("::", 1)[-1])  # fsspec's: a path, (detail, path), or None/False
             path = found[1] if isinstance(found, tuple) else found
             if path:
                 with contextlib.suppress(OSError):

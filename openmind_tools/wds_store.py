@@ -30,6 +30,7 @@ import numpy as np
 
 from openmind_tools.errors import ConfigError, StoreError
 from openmind_tools.files import atomic_write
+from openmind_tools.manifest_io import whole_number
 from openmind_tools.reads import Reader
 from openmind_tools.volume import Volume, VolumeRef
 
@@ -107,20 +108,12 @@ def locate(row: Any, resolve: Callable[[str], str]) -> tuple[str, tuple[int, int
     if crcs is None:
         raise ConfigError(f"volume {row.id}: the manifest's wds_crc32c is {row.wds_crc32c!r}, not 3 member checksums "
                           "(32-bit integers)")  # fmt: skip
-    span = tuple(_whole(v) for v in (row.wds_offset, row.wds_size))
+    span = tuple(whole_number(v) for v in (row.wds_offset, row.wds_size))
     largest = sample_nbytes(row.shape) + 2**20  # the two arrays, with room for the json and the tar headers
-    if not 0 <= span[0] < 2**48 or span[0] % 512 or span[1] % 512 or not 3 * 512 <= span[1] <= largest:
+    if None in span or not 0 <= span[0] < 2**48 or span[0] % 512 or span[1] % 512 or not 3 * 512 <= span[1] <= largest:
         raise ConfigError(f"volume {row.id}: the manifest's wds_offset / wds_size ({row.wds_offset!r}, "
                           f"{row.wds_size!r}) are no sample span of a tar shard")  # fmt: skip
     return resolve(row.wds_shard), span, crcs
-
-
-def _whole(value: Any) -> int:
-    """An integer manifest cell (a float only if whole), else -1."""
-    try:
-        return int(value) if float(value) == int(value) else -1
-    except (TypeError, ValueError, OverflowError):
-        return -1
 
 
 def member_crcs(value: Any) -> tuple[int, int, int] | None:
@@ -150,12 +143,12 @@ def read(ref: VolumeRef, reader: Reader, settings_hash: str | None = None) -> Vo
         if len(raw) != ref.span[1]:
             raise StoreError(f"{label}: the shard ends after {len(raw)} of the sample's bytes (cut short?)")
         volume_id, volume, meta = decode_sample(_members(raw, label), ref.shape, ref.crc32c)
-    except StoreError as e:
+    # besides our own checks: bytes that are no array or json of ours (a json nested 100,000 deep, a PAX header
+    # with a size of 1e30, ...)
+    except (StoreError, ValueError, KeyError, TypeError, OverflowError, RecursionError, MemoryError) as e:
         reader.forget([ref.url])  # a damaged copy in a local cache (simplecache::) is fetched again next time
-        raise StoreError(f"volume {ref.id}: {e}") from None
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError, MemoryError) as e:  # passed its CRC, but
-        # is no array or json of ours (a json nested 100,000 deep, a PAX header with a size of 1e30, ...)
-        raise StoreError(f"volume {ref.id}: sample {label}: {type(e).__name__}: {e}") from None
+        problem = str(e) if isinstance(e, StoreError) else f"sample {label}: {type(e).__name__}: {e}"
+        raise StoreError(f"volume {ref.id}: {problem}") from None
     if volume_id != ref.id:
         raise StoreError(f"volume {ref.id}: sample {label} holds volume {volume_id}")
     found = meta.get("settings_hash")
@@ -186,32 +179,31 @@ def _members(raw: bytes, label: str) -> dict[str, Any]:
 
 
 def decode_sample(
-    sample: dict[str, Any], shape: Sequence[int] | None = None, crc32c: Sequence[int] | None = None
+    sample: dict[str, Any], shape: Sequence[int], crc32c: Sequence[int]
 ) -> tuple[str, Volume, dict[str, Any]]:
     """Decode a raw webdataset sample (bytes, or uint8 views, per member) into (volume id, volume, json metadata).
 
-    With the manifest's `crc32c` (one per member), every member's bytes are checked before anything is decoded.
-    With the manifest's `shape`, the arrays are checked before anyone crops them: 3 axes of that shape, a
-    float16 image with finite voxels and a uint8 code. A failure is a StoreError saying what is wrong.
+    Every member's bytes are checked against the manifest's `crc32c` (one per member) before anything is decoded,
+    and the arrays against the manifest's `shape` before anyone crops them: 3 axes of that shape, a float16 image
+    with finite voxels and a uint8 code. A failure is a StoreError saying what is wrong.
     """
     where = f"sample {sample.get('__key__')!r} in {sample.get('__url__')}"
     missing = [m for m in MEMBERS if m not in sample]
     if missing:
         raise StoreError(f"{where}: missing members {missing}")
-    for member, expected in zip(MEMBERS, () if crc32c is None else crc32c, strict=False):
+    for member, expected in zip(MEMBERS, crc32c, strict=True):
         computed = google_crc32c.value(sample[member])
         if computed != int(expected):
             raise StoreError(f"{where}: damaged member {member}: its crc32c is {computed:08x}, the manifest "
                              f"records {int(expected):08x}")  # fmt: skip
     meta = json.loads(bytes(sample["json"]))  # bytes, or a uint8 view
     volume = Volume(_load_npy(sample["image.npy"]), _load_npy(sample["mask.npy"]))
-    if shape is not None:
-        for name, array, dtype in (("image", volume.image, np.float16), ("mask", volume.code, np.uint8)):
-            if array.shape != tuple(shape) or array.dtype != dtype:
-                raise StoreError(f"{where}: {name} is {array.dtype} {array.shape}, the manifest says {np.dtype(dtype)} "
-                                 f"{tuple(shape)}")  # fmt: skip
-        if not finite(volume.image):
-            raise StoreError(f"{where}: the image holds NaN or Inf voxels")
+    for name, array, dtype in (("image", volume.image, np.float16), ("mask", volume.code, np.uint8)):
+        if array.shape != tuple(shape) or array.dtype != dtype:
+            raise StoreError(f"{where}: {name} is {array.dtype} {array.shape}, the manifest says {np.dtype(dtype)} "
+                             f"{tuple(shape)}")  # fmt: skip
+    if not finite(volume.image):
+        raise StoreError(f"{where}: the image holds NaN or Inf voxels")
     return meta["id"], volume, meta
 
 

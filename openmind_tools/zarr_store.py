@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ def write_volume(
 
 
 # ---------------------------------------------------------------------------------------------- the loader's interface
-def locate(row: Any, resolve: Any) -> tuple[str, None, None]:
+def locate(row: Any, resolve: Callable[[str], str]) -> tuple[str, None, None]:
     """(url, span, member checksums) of a manifest row's volume: the store's root; Zarr needs nothing else."""
     return resolve(row.zarr_store), None, None
 

@@ -289,7 +289,7 @@ def test_bad_loader_arguments_are_config_errors(store: Path, argument: dict, mes
         PatchDataset(store / "manifest.parquet", PATCH, **argument)
 
 
-@pytest.mark.parametrize("shape", [[30, 0, 30], [30, 30], "abc", None, [30.5, 30, 30]])
+@pytest.mark.parametrize("shape", [[30, 0, 30], [30, 30], "abc", "123", None, [30.5, 30, 30], [30, float("nan"), 30]])
 def test_a_malformed_manifest_shape_is_refused_naming_the_volume(store: Path, shape: object) -> None:
     rows, _ = read_table(store / "manifest.parquet")
     victim = rows["id"].iloc[VICTIM]
