@@ -316,6 +316,7 @@ def print_floor(floors: dict[str, dict[str, float]], rows: list[dict]) -> None:
     for cname, floor in floors.items():
         print(f"| floor: blosc {cname} decode of image + mask code into reused buffers | {floor['decode']:.2f} |")
     print(f"| floor: CRC-32C of the stored (lz4) bytes | {floors['lz4']['crc32c']:.2f} |")
+    print(f"| floor: NaN/Inf check of the float16 image | {floors['lz4']['finite']:.2f} |")
     print(f"| floor: copy of the float16 image | {floors['lz4']['copy']:.2f} |")
     for row in rows:
         if row["what"].endswith("in-process"):

@@ -48,7 +48,8 @@ import torch
 from numcodecs import Blosc
 from torch.utils.data import Dataset
 
-from openmind_tools.volume import Volume
+from openmind_tools.buffers import BufferPool
+from openmind_tools.volume import Volume, finite
 
 PATCH = (160, 160, 160)  # the patch size preprocess_and_save plans blocks and chunks for
 L1_BYTES, L3_BYTES, CACHE_FILL = 32768, 1441792, 0.8  # comp_blosc2_params' defaults (Intel 4110 caches)
@@ -177,12 +178,14 @@ def decode_floor(volumes: Sequence[Volume], cname: str = "lz4", clevel: int = 5,
 
     decode: blosc `cname`-`clevel` (byte shuffle) decompression of the float16 image and uint8 code into
     reused buffers (no allocation or page faults, which a loader pays once); crc32c: google_crc32c over
-    those compressed bytes (the check a store can afford on every read); copy: np.copyto of the float16
-    image into a reused buffer (the memory-bandwidth bound of any decode).
+    those compressed bytes (the check a store can afford on every read); finite: the loader's NaN/Inf check of
+    the float16 image (volume.finite, its scratch array reused); copy: np.copyto of the float16 image into a
+    reused buffer (the memory-bandwidth bound of any decode).
     """
     numcodecs.blosc.set_nthreads(1)
     codec = Blosc(cname, clevel, Blosc.SHUFFLE)
-    totals = {"decode": 0.0, "crc32c": 0.0, "copy": 0.0}
+    totals = {"decode": 0.0, "crc32c": 0.0, "finite": 0.0, "copy": 0.0}
+    pool = BufferPool(2)
     for volume in volumes:
         arrays = (volume.image, volume.mask_code)
         encoded = [codec.encode(a) for a in arrays]
@@ -190,6 +193,7 @@ def decode_floor(volumes: Sequence[Volume], cname: str = "lz4", clevel: int = 5,
         reads = {
             "decode": partial(_decode_into, codec, encoded, buffers),
             "crc32c": partial(_crc32c, encoded),
+            "finite": partial(finite, volume.image, pool),
             "copy": partial(np.copyto, buffers[0], volume.image),
         }
         for key, fn in reads.items():

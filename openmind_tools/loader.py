@@ -27,6 +27,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from openmind_tools import wds_store, zarr_store
+from openmind_tools.batch_memory import HandBack, fresh_memory, pooled_memory, pooled_tensor
+from openmind_tools.buffers import BufferPool
 from openmind_tools.errors import ConfigError, StoreError
 from openmind_tools.loader_stages import (
     balanced,
@@ -49,6 +51,7 @@ from openmind_tools.volume import Volume, VolumeRef
 # lives), check (once per dataset, before any epoch) and read (one VolumeRef -> a checked Volume).
 STORES = {store.NAME: store for store in (zarr_store, wds_store)}
 ON_ERROR = ("raise", "skip")
+_BATCH_BUFFERS = 12  # host buffers kept for batches: the caller's, PatchLoader's two ahead, each image + masks
 STATE_FORMAT = "openmind-loader/2"  # 2: tar samples planned per volume like Zarr (no shard order, no shuffle buffer)
 
 
@@ -128,6 +131,8 @@ class PatchDataset(IterableDataset):
         # persistent workers see updates.
         self._position = torch.zeros(3, dtype=torch.int64).share_memory_()
         self._position[2] = 1
+        self._process: tuple[int, Reader, BufferPool] | None = None  # (pid, reader, batch buffers): _per_process
+        self.hand_back: HandBack | None = None  # make_loader's, for its workers' batches (batch_memory)
 
     # ------------------------------------------------------------------------------------------ position
     def set_epoch(self, epoch: int) -> None:
@@ -196,7 +201,7 @@ class PatchDataset(IterableDataset):
         volumes = wrap_to_multiple(volumes, multiple=self.world_size * num_workers)
         rank_volumes = list(split_by_rank(volumes, rank=self.rank, world_size=self.world_size))
         volumes = list(split_by_worker(rank_volumes, worker=worker, num_workers=num_workers))
-        read = self._read_function()  # its reader is opened here, in the worker
+        read = self._read_function()
         reads, partial = divmod(skip, self.crops_per_volume)
 
         def spares() -> Iterator[tuple[VolumeRef, Volume | StoreError]]:  # read only if all of `volumes` fail
@@ -216,7 +221,17 @@ class PatchDataset(IterableDataset):
             worker=worker,
         )
         yield from batches(itertools.islice(crops, partial, None), batch_size=batch_size, patch_size=self.patch_size,
-                           metadata=self.metadata_types)  # fmt: skip
+                           metadata=self.metadata_types, memory=self._batch_memory(info))  # fmt: skip
+
+    def _batch_memory(self, info: Any) -> Any:
+        """Where this process writes its batches: pooled buffers in the main process, the hand-back slots that
+        make_loader lent in a DataLoader worker, else fresh shared memory (a plain DataLoader's workers)."""
+        if info is None:
+            return functools.partial(pooled_memory, self._per_process()[1])
+        if self.hand_back is None or self.hand_back.out.shape[0] != info.num_workers:
+            return fresh_memory
+        self.hand_back.restart(info.id)
+        return functools.partial(self.hand_back.take, info.id)
 
     @property
     def metadata_types(self) -> tuple[tuple[str, torch.dtype], ...]:
@@ -240,8 +255,19 @@ class PatchDataset(IterableDataset):
                               backoff_s=self.backoff_s)  # fmt: skip
 
     def _read_function(self) -> Any:
-        """The store's `read` of one VolumeRef, bound to a new reader and the manifest's settings hash."""
-        return functools.partial(STORES[self.store].read, reader=self._reader(), settings_hash=self.settings_hash)
+        """The store's `read` of one VolumeRef, bound to this process's reader and the manifest's settings hash."""
+        reader = self._per_process()[0]
+        return functools.partial(STORES[self.store].read, reader=reader, settings_hash=self.settings_hash)
+
+    def _per_process(self) -> tuple[Reader, BufferPool]:
+        """This process's reader and batch buffers: made in it (fsspec filesystems hold sockets and event loops,
+        so each DataLoader worker opens its own), then kept across epochs, so their pooled buffers stay mapped."""
+        if self._process is None or self._process[0] != os.getpid():
+            self._process = (os.getpid(), self._reader(), BufferPool(_BATCH_BUFFERS))
+        return self._process[1:]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_process": None}  # a spawned worker makes its own
 
 
 class PatchLoader:
@@ -261,6 +287,7 @@ class PatchLoader:
         dataset.set_position(self._epoch, self._done, batch_size)
         self.wait_s = 0.0
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._pool = BufferPool(_BATCH_BUFFERS) if self._stream is None else None  # the masks split on the host
 
     def __len__(self) -> int:
         return self.dataset.batches_per_epoch(self.batch_size, self.num_workers)
@@ -311,11 +338,21 @@ class PatchLoader:
             self.loader._iterator = None
 
     def _to_device(self, batch: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Start the batch's copy (and the split of its mask code) on the side stream; CPU: split here."""
-        if batch is None or self._stream is None:
-            return None if batch is None else unpack_masks(batch)
-        with torch.cuda.stream(self._stream):
-            return unpack_masks(_moved(batch, self.device))
+        """Start the batch's copy (and the split of its mask code) on the side stream; CPU: split here. A batch in
+        a worker's hand-back slot is copied out first (on CUDA the pinned copy already is), then handed back."""
+        if batch is None:
+            return None
+        slot = batch.pop("slot", None)
+        if self._stream is None:
+            if slot is not None:  # its worker writes that memory again once handed back
+                batch["image"] = pooled_tensor(self._pool, batch["image"].shape, torch.float16).copy_(batch["image"])
+            moved = unpack_masks(batch, self._pool)
+        else:
+            with torch.cuda.stream(self._stream):
+                moved = unpack_masks(_moved(batch, self.device))
+        if slot is not None:
+            self.dataset.hand_back.give_back(*slot)
+        return moved
 
     def _ready(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Make the caller's stream wait for the copy, and keep the memory alive for that stream."""
@@ -341,6 +378,9 @@ def make_loader(
     if batch_size < 1:
         raise ConfigError(f"batch_size: expected at least 1, got {batch_size}")
     device = torch.device(device)
+    # A worker has at most prefetch_factor batches queued, one being written and one being pinned: so many slots
+    # (49 MB each at 4 x 160^3) stay mapped per worker; beyond them it makes fresh segments (batch_memory).
+    dataset.hand_back = HandBack(num_workers, prefetch_factor + 2) if num_workers > 0 else None
     loader = DataLoader(
         dataset,
         batch_size=None,  # the dataset batches: crops are copied straight into (shared) batch tensors

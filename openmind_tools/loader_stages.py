@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +21,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from openmind_tools.batch_memory import Specs, fresh_memory, pooled_tensor
+from openmind_tools.buffers import BufferPool
 from openmind_tools.errors import ConfigError, StoreError
 from openmind_tools.volume import Volume, VolumeRef
 
@@ -239,6 +240,7 @@ def batches(
     batch_size: int,
     patch_size: tuple[int, int, int],
     metadata: Sequence[tuple[str, torch.dtype]] = (),
+    memory: Callable[[Specs], tuple[Any, list[torch.Tensor]]] = fresh_memory,
 ) -> Iterator[dict[str, Any]]:
     """Copy each group of `batch_size` crops straight into batch tensors (the last group may be smaller).
 
@@ -247,47 +249,50 @@ def batches(
     `metadata` to a (B,) tensor of the crops' `VolumeRef.metadata` values. The three masks travel as one uint8
     code (bit 0 anatomy, bit 1 deface, bit 2 valid; `unpack_masks` splits it, on the device), 12 instead of 20 MB
     per 160^3 patch. In a DataLoader worker the tensors live in shared memory from the start, as torch's
-    default_collate does, so every voxel is written once on its way to the main process; fresh shared
-    pages cost more to fault in than the copy itself, so fewer bytes is most of the CPU saved.
+    default_collate does, so every voxel is written once on its way to the main process. `memory` gives each
+    batch its tensors (see batch_memory); a batch written into a worker's hand-back slot says which in "slot".
     """
     crops = iter(crops)
-    while group := list(itertools.islice(crops, batch_size)):
-        shape = (len(group), 1, *patch_size)
-        image, masks = _batch_tensor(shape, torch.float16), _batch_tensor(shape, torch.uint8)
-        for i, (_, volume, origin, _) in enumerate(group):
+    while (first := next(crops, None)) is not None:
+        shape = (batch_size, 1, *patch_size)
+        slot, (image, masks) = memory(((shape, torch.float16), (shape, torch.uint8)))
+        refs, origins, skipped = [], [], 0
+        for i, (ref, volume, origin, replaced) in enumerate(itertools.chain([first], crops)):
             src, dst = _overlap(origin, patch_size, volume.image.shape)
             image_out, masks_out = image[i, 0].numpy(), masks[i, 0].numpy()
             image_out[dst] = volume.image[src]
             np.bitwise_or(volume.code[src], 1 << MASK_BITS["valid"], out=masks_out[dst])
             _zero_outside(image_out, dst)
             _zero_outside(masks_out, dst)
+            refs.append(ref)
+            origins.append(origin)
+            skipped += replaced
+            if i + 1 == batch_size:
+                break
+        del first, volume  # the volumes are copied: their buffers may go back to the reader's pool now
         yield {
-            "image": image,
-            "masks": masks,
-            "origin": torch.from_numpy(np.stack([origin for _, _, origin, _ in group]).astype(np.int64)),
-            "id": [ref.id for ref, *_ in group],
-            "skipped": sum(replaced for *_, replaced in group),
+            **({} if slot is None else {"slot": slot}),
+            "image": image[: len(refs)],
+            "masks": masks[: len(refs)],
+            "origin": torch.from_numpy(np.stack(origins).astype(np.int64)),
+            "id": [ref.id for ref in refs],
+            "skipped": skipped,
             "metadata": {
-                name: torch.tensor([ref.metadata[j] for ref, *_ in group], dtype=dtype)
+                name: torch.tensor([ref.metadata[j] for ref in refs], dtype=dtype)
                 for j, (name, dtype) in enumerate(metadata)
             },  # fmt: skip
         }
 
 
-def unpack_masks(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch with its mask code split into anatomy, deface and valid (uint8 0/1), on its device."""
+def unpack_masks(batch: dict[str, Any], pool: BufferPool | None = None) -> dict[str, Any]:
+    """The batch with its mask code split into anatomy, deface and valid (uint8 0/1), on its device (on the
+    host, into `pool`'s buffers if given)."""
     batch = dict(batch)
     masks = batch.pop("masks")
     for name, bit in MASK_BITS.items():
-        batch[name] = masks.bitwise_and(1 << bit).ne_(0)  # one pass writing 0/1 uint8; shifts cost 3x
+        out = None if pool is None or masks.is_cuda else pooled_tensor(pool, masks.shape, torch.uint8)
+        batch[name] = torch.bitwise_and(masks, 1 << bit, out=out).ne_(0)  # one pass writing 0/1; shifts cost 3x
     return batch
-
-
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes)).view(shape)
 
 
 def _overlap(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -24,17 +25,23 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
+import numpy as np
 from fsspec.implementations.cached import CachingFileSystem, SimpleCacheFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
+from openmind_tools.buffers import BufferPool
 from openmind_tools.errors import StoreError
 from openmind_tools.files import file_problem
 
 T = TypeVar("T")
+Buffer = bytes | np.ndarray  # what `Reader.cat` returns per object: bytes, or a uint8 array in a pooled buffer
 log = logging.getLogger(__name__)
 
 _NO_LOCKS = {errno.EROFS, errno.EACCES, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP}
 # Not worth a retry: the object is not there (or not ours to read), or it is there and wrong.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StoreError)
+_POOLED_BYTES = 1 << 16  # smaller objects (metadata json) are read as bytes
+_POOLED_BUFFERS = 12  # per reader (a loader worker): ~3 volumes' raw and decoded arrays at prefetch 2
 
 
 class Reader:
@@ -48,19 +55,25 @@ class Reader:
         unsafe = self._cached and not isinstance(fs, SimpleCacheFileSystem)
         self._lock = threading.Lock() if unsafe else contextlib.nullcontext()
         self._unlockable = False
+        self._local = isinstance(fs, LocalFileSystem)
+        self.pool = BufferPool(_POOLED_BUFFERS)  # local reads, and the decoded arrays of the stores' `read`
 
     @classmethod
     def for_url(cls, url: str, storage_options: dict[str, Any] | None = None, **retries: Any) -> Reader:
         """A reader for the filesystem `url` lives on (chained URLs such as `simplecache::s3://...` included)."""
         return cls(fsspec.core.url_to_fs(url, **(storage_options or {}))[0], **retries)
 
-    def cat(self, urls: Sequence[str], spans: Sequence[tuple[int, int] | None] | None = None) -> list[bytes]:
+    def cat(self, urls: Sequence[str], spans: Sequence[tuple[int, int] | None] | None = None) -> list[Buffer]:
         """The bytes of each object (or of its (offset, size) span), fetched together; a span cut short by the
-        object's end comes back short, for the caller to name."""
+        object's end comes back short, for the caller to name. On local disk a large object comes back as a
+        uint8 array in one of `pool`'s buffers (valid while the caller holds it), otherwise as bytes."""
         spans = spans or [None] * len(urls)
         for url in urls:
             if problem := self.problem(url):
                 raise StoreError(f"{url}: {problem}")
+        if self._local:
+            read = functools.partial(self._read_local, urls, spans)
+            return with_retries(read, attempts=self.attempts, backoff_s=self.backoff_s, what=", ".join(urls))
         starts = [None if s is None else s[0] for s in spans]
         ends = [None if s is None else s[0] + s[1] for s in spans]
         paths = [url.rsplit("::", 1)[-1] for url in urls]  # a chained URL's last link: what its filesystem reads
@@ -79,6 +92,25 @@ class Reader:
             return out
 
         return with_retries(fetch, attempts=self.attempts, backoff_s=self.backoff_s, what=", ".join(urls))
+
+    def _read_local(self, urls: Sequence[str], spans: Sequence[tuple[int, int] | None]) -> list[Buffer]:
+        """Each local object read straight into a pooled buffer: fsspec's fresh bytes cost a page fault per
+        4 KB page written (a third of a read's CPU here), the pool's pages are mapped already."""
+        out: list[Buffer] = []
+        for url, span in zip(urls, spans, strict=True):
+            with open(self.fs._strip_protocol(url), "rb", buffering=0) as f:
+                start, end = (0, None) if span is None else (span[0], span[0] + span[1])
+                end = os.fstat(f.fileno()).st_size if end is None else min(end, os.fstat(f.fileno()).st_size)
+                size = max(end - start, 0)
+                f.seek(start)
+                if size < _POOLED_BYTES:
+                    out.append(f.read(size))
+                    continue
+                buffer, done = self.pool.array((size,), np.uint8), 0
+                while done < size and (n := f.readinto(buffer[done:])):
+                    done += n
+                out.append(buffer[:done])
+        return out
 
     def forget(self, urls: Sequence[str]) -> None:
         """Drop the cached copies of `urls` (after a failed or damaged read), so the next read fetches them again."""
@@ -118,9 +150,7 @@ class Reader:
 
         Remote objects and absent ones pass: the read itself reports those (with its retries and its message).
         """
-        from fsspec.implementations.local import LocalFileSystem
-
-        if not isinstance(self.fs, LocalFileSystem):
+        if not self._local:
             return None
         problem = file_problem(self.fs._strip_protocol(url))
         return None if problem == "file not found" else problem

@@ -28,11 +28,12 @@ from typing import Any, NamedTuple
 import google_crc32c
 import numpy as np
 
+from openmind_tools.buffers import BufferPool
 from openmind_tools.errors import ConfigError, StoreError
 from openmind_tools.files import atomic_write
 from openmind_tools.manifest_io import whole_number
-from openmind_tools.reads import Reader
-from openmind_tools.volume import Volume, VolumeRef
+from openmind_tools.reads import Buffer, Reader
+from openmind_tools.volume import Volume, VolumeRef, finite
 
 NAME = "wds"
 MEMBERS = ("image.npy", "mask.npy", "json")
@@ -142,7 +143,7 @@ def read(ref: VolumeRef, reader: Reader, settings_hash: str | None = None) -> Vo
     try:
         if len(raw) != ref.span[1]:
             raise StoreError(f"{label}: the shard ends after {len(raw)} of the sample's bytes (cut short?)")
-        volume_id, volume, meta = decode_sample(_members(raw, label), ref.shape, ref.crc32c)
+        volume_id, volume, meta = decode_sample(_members(raw, label), ref.shape, ref.crc32c, reader.pool)
     # besides our own checks: bytes that are no array or json of ours (a json nested 100,000 deep, a PAX header
     # with a size of 1e30, ...)
     except (StoreError, ValueError, KeyError, TypeError, OverflowError, RecursionError, MemoryError) as e:
@@ -158,11 +159,11 @@ def read(ref: VolumeRef, reader: Reader, settings_hash: str | None = None) -> Vo
     return volume
 
 
-def _members(raw: bytes, label: str) -> dict[str, Any]:
+def _members(raw: Buffer, label: str) -> dict[str, Any]:
     """The members of one sample's tar span, as a raw webdataset sample (uint8 views of `raw`, not copies)."""
     view, sample = np.frombuffer(raw, np.uint8), {"__key__": None, "__url__": label}
     try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+        with tarfile.open(fileobj=_ViewFile(view), mode="r:") as tar:
             for info in tar:
                 key, _, ext = info.name.partition(".")
                 if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.offset_data + info.size > len(raw):
@@ -179,7 +180,7 @@ def _members(raw: bytes, label: str) -> dict[str, Any]:
 
 
 def decode_sample(
-    sample: dict[str, Any], shape: Sequence[int], crc32c: Sequence[int]
+    sample: dict[str, Any], shape: Sequence[int], crc32c: Sequence[int], pool: BufferPool | None = None
 ) -> tuple[str, Volume, dict[str, Any]]:
     """Decode a raw webdataset sample (bytes, or uint8 views, per member) into (volume id, volume, json metadata).
 
@@ -202,15 +203,36 @@ def decode_sample(
         if array.shape != tuple(shape) or array.dtype != dtype:
             raise StoreError(f"{where}: {name} is {array.dtype} {array.shape}, the manifest says {np.dtype(dtype)} "
                              f"{tuple(shape)}")  # fmt: skip
-    if not finite(volume.image):
+    if not finite(volume.image, pool):
         raise StoreError(f"{where}: the image holds NaN or Inf voxels")
     return meta["id"], volume, meta
 
 
-def finite(image: np.ndarray) -> bool:
-    """Whether a float16 array holds no NaN or Inf: an all-ones exponent (0x7C00) marks both. On the uint16 bits,
-    4.5x faster than np.isfinite on float16 (3.6 against 16.5 ms for a 1 mm head here)."""
-    return image.size == 0 or int(np.bitwise_and(image.view(np.uint16), 0x7C00).max()) != 0x7C00
+class _ViewFile(io.RawIOBase):
+    """A read-only file over a uint8 array, for tarfile to parse its headers: io.BytesIO would copy the array."""
+
+    def __init__(self, view: np.ndarray) -> None:
+        super().__init__()
+        self._view, self._at = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, out: Any) -> int:
+        part = self._view[self._at : self._at + len(out)]
+        memoryview(out).cast("B")[: len(part)] = part.data
+        self._at += len(part)
+        return len(part)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._at = max(0, {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: len(self._view)}[whence] + offset)
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -30,10 +30,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from openmind_tools.buffers import BufferPool
 from openmind_tools.errors import ConfigError, StoreError
 from openmind_tools.files import file_problem
-from openmind_tools.reads import Reader
-from openmind_tools.volume import Volume, VolumeRef
+from openmind_tools.reads import Buffer, Reader
+from openmind_tools.volume import Volume, VolumeRef, finite
 
 NAME = "zarr"
 ARRAYS = {"image": np.dtype(np.float16), "mask": np.dtype(np.uint8)}  # the arrays of a volume's group, in order
@@ -139,9 +140,13 @@ def read(ref: VolumeRef, reader: Reader, settings_hash: str | None = None) -> Vo
 
 
 def read_volume(root: str, volume_id: str, shape: tuple[int, int, int], reader: Reader | None = None) -> Volume:
-    """The volume `volume_id` of the store at `root`; `shape` is the manifest's (X, Y, Z)."""
+    """The volume `volume_id` of the store at `root`; `shape` is the manifest's (X, Y, Z).
+
+    Both arrays' metadata come with the chunks (the same round trip on S3): a manifest shape permuted with the same
+    product fits every chunk and checksum, and only the arrays' own shapes show it.
+    """
     base = f"{str(root).rstrip('/')}/{group_path(volume_id)}"
-    urls = [f"{base}/{chunk}" for chunk in CHUNKS.values()]
+    urls = [f"{base}/{chunk}" for chunk in CHUNKS.values()] + [f"{base}/{name}/zarr.json" for name in ARRAYS]
     reader = reader or Reader.for_url(base)
     try:
         raws = reader.cat(urls)
@@ -149,17 +154,36 @@ def read_volume(root: str, volume_id: str, shape: tuple[int, int, int], reader: 
         raise StoreError(f"volume {volume_id}: no chunk at {e.filename or base}") from None
     except StoreError as e:
         raise StoreError(f"volume {volume_id}: {e}") from None
+    arrays = len(ARRAYS)
     try:
-        return Volume(*(_decoded(raw, shape, dtype, f"volume {volume_id}: {url}")
-                        for url, raw, dtype in zip(urls, raws, ARRAYS.values(), strict=True)))  # fmt: skip
+        for url, raw, dtype in zip(urls[arrays:], raws[arrays:], ARRAYS.values(), strict=True):
+            _check_metadata(raw, shape, dtype, f"volume {volume_id}: {url}")
+        image, code = (
+            _decoded(raw, shape, dtype, f"volume {volume_id}: {url}", reader.pool)
+            for url, raw, dtype in zip(urls[:arrays], raws[:arrays], ARRAYS.values(), strict=True)
+        )
+        if not finite(image, reader.pool):
+            raise StoreError(f"volume {volume_id}: {urls[0]}: the image holds NaN or Inf voxels")
+        return Volume(image, code)
     except StoreError:
         reader.forget(urls)  # a damaged copy in a local cache (simplecache::) is fetched again next time
         raise
 
 
-def _decoded(raw: bytes, shape: tuple[int, int, int], dtype: np.dtype, where: str) -> np.ndarray:
+def _check_metadata(raw: bytes, shape: tuple[int, int, int], dtype: np.dtype, where: str) -> None:
+    try:
+        metadata = json.loads(bytes(raw))
+        found = tuple(metadata["shape"]), metadata["data_type"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise StoreError(f"{where}: not zarr array metadata ({type(e).__name__}: {e})") from None
+    if found != (tuple(shape), dtype.name):
+        raise StoreError(f"{where}: the array is {found[1]} of shape {found[0]}, the manifest says {dtype.name} of "
+                         f"shape {tuple(shape)}")  # fmt: skip
+
+
+def _decoded(raw: Buffer, shape: tuple[int, int, int], dtype: np.dtype, where: str, pool: BufferPool) -> np.ndarray:
     body = check_chunk(raw, math.prod(shape) * dtype.itemsize, dtype.itemsize, where)  # before any allocation
-    data = np.empty(shape, dtype)
+    data = pool.array(shape, dtype)
     try:
         numcodecs.blosc.decompress(body, data)
     except RuntimeError as e:  # a header with the right sizes but a bad version, block size or offsets
@@ -167,7 +191,7 @@ def _decoded(raw: bytes, shape: tuple[int, int, int], dtype: np.dtype, where: st
     return data
 
 
-def check_chunk(raw: bytes, nbytes: int, itemsize: int, where: str) -> bytes:
+def check_chunk(raw: Buffer, nbytes: int, itemsize: int, where: str) -> bytes:
     """The blosc bytes of a stored chunk, after checking its CRC-32C and that blosc's header matches both the
     chunk's length and the `nbytes` the manifest's shape needs; anything else is a StoreError saying what."""
     if len(raw) < _BLOSC_HEADER + 4:
@@ -183,20 +207,6 @@ def check_chunk(raw: bytes, nbytes: int, itemsize: int, where: str) -> bytes:
     if values != nbytes:
         raise StoreError(f"{where}: holds {values // itemsize} values, the manifest's shape needs {nbytes // itemsize}")
     return body
-
-
-def stored_shapes(root: str, volume_id: str) -> dict[str, tuple[int, ...]]:
-    """The shape each array's own metadata records (verify compares them with the manifest's)."""
-    shapes = {}
-    for name in ARRAYS:
-        url = f"{str(root).rstrip('/')}/{group_path(volume_id)}/{name}/zarr.json"
-        try:
-            (raw,) = Reader.for_url(url, attempts=1).cat([url])
-            shapes[name] = tuple(int(v) for v in json.loads(raw)["shape"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            problem = f"no readable array metadata ({type(e).__name__}: {e})"
-            raise StoreError(f"volume {volume_id}: {url}: {problem}") from None
-    return shapes
 
 
 def is_stored(root: str | Path, volume_id: str) -> bool:

@@ -101,5 +101,5 @@ def test_a_caching_url_reads_no_object_twice(stores: tuple[Path, str], s3_option
     loader.close()
     expected.close()
     objects = {path for method, path in epochs[0] if method == "GET"}
-    assert len(objects) == (20 if store == "zarr" else 2)  # 10 image + 10 mask objects, or the 2 shards, whole
+    assert len(objects) == (40 if store == "zarr" else 2)  # 10 x (image, mask) x (chunk, metadata), or 2 shards
     assert epochs[1] == epochs[2] == []  # not one request: every byte came from the local cache

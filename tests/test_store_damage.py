@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import google_crc32c
+import numcodecs
 import numpy as np
 import pandas as pd
 import pytest
@@ -54,11 +55,21 @@ def _flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _nan_voxel(path: Path) -> None:
+    """Rewrite the chunk with one NaN voxel and a matching CRC, as another tool might write it."""
+    raw = path.read_bytes()
+    image = np.frombuffer(numcodecs.blosc.decompress(raw[:-4]), np.float16).copy()
+    image[7] = np.nan
+    body = numcodecs.blosc.compress(image, b"lz4", 5, numcodecs.blosc.SHUFFLE)
+    path.write_bytes(body + google_crc32c.value(body).to_bytes(4, "little"))
+
+
 ZARR_DAMAGE = {
     "flipped byte": (_flip, "damaged chunk: its crc32c"),
     "cut short": (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 3]), "damaged chunk"),
     "padded with junk": (lambda p: p.write_bytes(p.read_bytes() + b"\x00junk" * 100), "damaged chunk"),
     "a few bytes": (lambda p: p.write_bytes(b"\x02\x01"), "too short to be a chunk"),
+    "NaN voxels": (_nan_voxel, "NaN or Inf voxels"),
 }
 
 
@@ -185,16 +196,19 @@ def test_plain_zarr_checks_the_chunk_checksum_too(store: Path) -> None:
         zarr_store.open_volume(store / "store.zarr", victim["id"])["image"][:]
 
 
-def test_a_permuted_manifest_shape_is_named_by_the_tar_loader(store: Path) -> None:
+@pytest.mark.parametrize(("kind", "message"), [("zarr", "array is float16 of shape"), ("wds", "manifest says float16")])
+def test_a_permuted_manifest_shape_is_named_by_the_loader(store: Path, pristine: Path, kind: str, message: str) -> None:
     rows = pd.read_parquet(store / "manifest.parquet")
     victim = _victim(store)["id"]
     shapes = [list(shape) for shape in rows["shape"]]
     at = int(np.flatnonzero(rows["id"] == victim)[0])
-    shapes[at] = shapes[at][1:] + shapes[at][:1]  # same product, other shape
+    shapes[at] = shapes[at][1:] + shapes[at][:1]  # same product, so the same chunk sizes and checksums
     assert shapes[at] != list(rows["shape"].iloc[at])
-    manifest = rewrite_manifest(store / "manifest.parquet", store / "permuted.parquet", {"shape": shapes})
-    with pytest.raises(StoreError, match=rf"{victim}.*the manifest says float16"):
-        list(make_loader(PatchDataset(manifest, PATCH, store="wds"), batch_size=2))
+    rewrite_manifest(store / "manifest.parquet", store / "manifest.parquet", {"shape": shapes})
+    with pytest.raises(StoreError, match=rf"{victim}.*{message}"):
+        _epoch(store, kind, "raise")
+    skipped = _epoch(store, kind, "skip")
+    assert len(skipped) == len(_epoch(pristine, kind, "raise")) and sum(b["skipped"] for b in skipped) == 1
 
 
 # ---------------------------------------------------------------------------------------------- verify
