@@ -288,6 +288,7 @@ class PatchLoader:
         self.wait_s = 0.0
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._pool = BufferPool(_BATCH_BUFFERS) if self._stream is None else None  # the masks split on the host
+        self._mapped: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # (worker, slot) -> its tensors, here
 
     def __len__(self) -> int:
         return self.dataset.batches_per_epoch(self.batch_size, self.num_workers)
@@ -343,13 +344,16 @@ class PatchLoader:
         if batch is None:
             return None
         slot = batch.pop("slot", None)
-        if self._stream is None:
-            if slot is not None:  # its worker writes that memory again once handed back
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                moved = unpack_masks(_moved(batch, self.device))  # from the pinned copy the DataLoader made
+        else:
+            if slot is not None:
+                # Kept mapped (torch maps a segment it still holds again for free, else anew: page faults), and
+                # the image copied out: its worker writes that memory again once handed back.
+                self._mapped[tuple(slot)] = (batch["image"], batch["masks"])
                 batch["image"] = pooled_tensor(self._pool, batch["image"].shape, torch.float16).copy_(batch["image"])
             moved = unpack_masks(batch, self._pool)
-        else:
-            with torch.cuda.stream(self._stream):
-                moved = unpack_masks(_moved(batch, self.device))
         if slot is not None:
             self.dataset.hand_back.give_back(*slot)
         return moved
