@@ -57,6 +57,7 @@ class Reader:
         self._unlockable = False
         self._local = isinstance(fs, LocalFileSystem)
         self.pool = BufferPool(_POOLED_BUFFERS)  # local reads, and the decoded arrays of the stores' `read`
+        self.checked: set[Any] = set()  # what a store's `read` need not check again (zarr_store: the metadata)
 
     @classmethod
     def for_url(cls, url: str, storage_options: dict[str, Any] | None = None, **retries: Any) -> Reader:

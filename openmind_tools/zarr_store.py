@@ -135,18 +135,26 @@ def check(refs: Sequence[VolumeRef], reader: Reader, settings_hash: str | None) 
 
 
 def read(ref: VolumeRef, reader: Reader, settings_hash: str | None = None) -> Volume:
-    """Fetch the volume's two chunk objects together, check them and decode them (`check` did the settings)."""
-    return read_volume(ref.url, ref.id, ref.shape, reader)
+    """Fetch the volume's chunk objects together, check them and decode them (`check` did the settings). The
+    arrays' metadata come along the first time this reader reads the volume (`Reader.checked`): on S3 each object
+    is a signed request that costs CPU, and the metadata of a store does not change under a run."""
+    volume = read_volume(ref.url, ref.id, ref.shape, reader, metadata=ref not in reader.checked)
+    reader.checked.add(ref)
+    return volume
 
 
-def read_volume(root: str, volume_id: str, shape: tuple[int, int, int], reader: Reader | None = None) -> Volume:
+def read_volume(
+    root: str, volume_id: str, shape: tuple[int, int, int], reader: Reader | None = None, metadata: bool = True
+) -> Volume:
     """The volume `volume_id` of the store at `root`; `shape` is the manifest's (X, Y, Z).
 
-    Both arrays' metadata come with the chunks (the same round trip on S3): a manifest shape permuted with the same
-    product fits every chunk and checksum, and only the arrays' own shapes show it.
+    With `metadata`, both arrays' zarr.json come with the chunks (the same round trip on S3) and must agree with
+    `shape`: a manifest shape permuted with the same product fits every chunk and checksum, and only the arrays'
+    own shapes show it.
     """
     base = f"{str(root).rstrip('/')}/{group_path(volume_id)}"
-    urls = [f"{base}/{chunk}" for chunk in CHUNKS.values()] + [f"{base}/{name}/zarr.json" for name in ARRAYS]
+    urls = [f"{base}/{chunk}" for chunk in CHUNKS.values()]
+    urls += [f"{base}/{name}/zarr.json" for name in ARRAYS] if metadata else []
     reader = reader or Reader.for_url(base)
     try:
         raws = reader.cat(urls)
@@ -156,7 +164,7 @@ def read_volume(root: str, volume_id: str, shape: tuple[int, int, int], reader: 
         raise StoreError(f"volume {volume_id}: {e}") from None
     arrays = len(ARRAYS)
     try:
-        for url, raw, dtype in zip(urls[arrays:], raws[arrays:], ARRAYS.values(), strict=True):
+        for url, raw, dtype in zip(urls[arrays:], raws[arrays:], ARRAYS.values() if metadata else (), strict=True):
             _check_metadata(raw, shape, dtype, f"volume {volume_id}: {url}")
         image, code = (
             _decoded(raw, shape, dtype, f"volume {volume_id}: {url}", reader.pool)
