@@ -4,8 +4,9 @@ One epoch = every selected volume read once per rank group, split by rank (torch
 then by DataLoader worker, `crops_per_volume` patches per read, because a 160^3 patch is nearly a whole
 1 mm head and the read + decode is the cost. PatchLoader batches are dicts: image (B, 1, P, P, P) float16,
 anatomy/deface/valid (B, 1, P, P, P) uint8, origin (B, 3) int64 (the patch's first voxel in the stored
-volume, negative where padded), id (list of B volume ids). `make_loader` wraps a torch DataLoader and
-copies each batch to the device on a side CUDA stream one batch ahead. The README's loader section has the numbers.
+volume, negative where padded), id (list of B volume ids). `make_loader` wraps a torch DataLoader,
+lends its workers shared-memory batch slots that the main process hands back (batch_memory), and copies each
+batch to the device on a side CUDA stream one batch ahead. The README's loader section has the numbers.
 """
 
 from __future__ import annotations

@@ -39,12 +39,12 @@ from openmind_tools.volume import Volume, VolumeRef, finite
 NAME = "zarr"
 ARRAYS = {"image": np.dtype(np.float16), "mask": np.dtype(np.uint8)}  # the arrays of a volume's group, in order
 CHUNKS = {name: f"{name}/c/0/0/0" for name in ARRAYS}  # each array's one chunk, chunk_key_encoding "default"
-# --codec: (blosc cname, clevel), measured on the demo heads (benchmarks/codec_bench.py, convert_bench.py): lz4hc-5
-# stores 0.78x the bytes of lz4-5 and decodes 0.6 ms (10-15%) faster, but its encode (283 against 15 ms) takes a
-# conversion from 1.3-1.5x to 2.2x the SimpleITK floor (two runs). A volume is encoded once and read 500-1000
-# times in the published schedule, yet those reads run in loader workers beside the GPU, where 0.6 ms is 2% of a
-# patch's ~36 ms, while the conversion is time a user waits: so lz4 is the default, lz4hc for bandwidth-bound storage
-# (22% fewer bytes every epoch) and zstd-3 where bytes are scarcest (0.70x lz4's, at 3.3x its decode time).
+# --codec: (blosc cname, clevel), measured on the demo heads (benchmarks/codec_bench.py, convert_bench.py,
+# loader_bench.py): lz4hc-5 stores 0.78x the bytes of lz4-5 and its patches loaded 3-9 ms (10-25%) faster at one
+# worker in four runs, but its encode (283 against 15 ms) takes a conversion from 1.3-1.5x to 2.2x the SimpleITK
+# floor, past the 1.3x target. So lz4 is the default (a conversion is time a user waits), lz4hc repays its encode
+# after 30-90 reads and suits long pretraining runs and bandwidth-bound storage, and zstd-3 is for where bytes are
+# scarcest (0.70x lz4's, at 3.3x its decode time).
 CODECS = {"lz4": ("lz4", 5), "lz4hc": ("lz4hc", 5), "zstd": ("zstd", 3)}
 DEFAULT_CODEC = "lz4"
 STORE_FORMAT = "openmind-zarr/3"  # 3: uint8 mask array; 2: crc32c after blosc. The group's attributes say which
