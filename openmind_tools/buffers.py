@@ -17,6 +17,7 @@ import threading
 import numpy as np
 
 _GROWTH = 1.25  # a new buffer's headroom over the request: volumes differ in size by a few percent
+_LARGEST = 1 << 30  # bytes: a larger request (a damaged multi-GB object) gets its own array, never kept
 
 
 class BufferPool:
@@ -31,6 +32,8 @@ class BufferPool:
         """An uninitialised C-contiguous array of `shape` and `dtype`, in a buffer nothing else uses."""
         dtype = np.dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > _LARGEST:
+            return np.empty(shape, dtype)
         with self._lock:
             counts = _refcounts(self._owners)
             free = [i for i, count in enumerate(counts) if count <= _UNUSED]

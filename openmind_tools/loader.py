@@ -11,6 +11,7 @@ batch to the device on a side CUDA stream one batch ahead. The README's loader s
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import itertools
@@ -133,7 +134,7 @@ class PatchDataset(IterableDataset):
         self._position = torch.zeros(3, dtype=torch.int64).share_memory_()
         self._position[2] = 1
         self._process: tuple[int, Reader, BufferPool] | None = None  # (pid, reader, batch buffers): _per_process
-        self.hand_back: HandBack | None = None  # make_loader's, for its workers' batches (batch_memory)
+        self._hand_back: HandBack | None = None  # set only on make_loader's copy (`lending`)
 
     # ------------------------------------------------------------------------------------------ position
     def set_epoch(self, epoch: int) -> None:
@@ -229,10 +230,18 @@ class PatchDataset(IterableDataset):
         make_loader lent in a DataLoader worker, else fresh shared memory (a plain DataLoader's workers)."""
         if info is None:
             return functools.partial(pooled_memory, self._per_process()[1])
-        if self.hand_back is None or self.hand_back.out.shape[0] != info.num_workers:
+        if self._hand_back is None or self._hand_back.out.shape[0] != info.num_workers:
             return fresh_memory
-        self.hand_back.restart(info.id)
-        return functools.partial(self.hand_back.take, info.id)
+        self._hand_back.restart(info.id)
+        return functools.partial(self._hand_back.take, info.id)
+
+    def lending(self, hand_back: HandBack | None) -> PatchDataset:
+        """A shallow copy whose DataLoader workers write their batches into `hand_back`'s slots (make_loader's
+        own): the caller's dataset never has one, so no other DataLoader over it sees those slots. The copy
+        shares the position (shared memory) and everything else."""
+        lent = copy.copy(self)
+        lent._hand_back = hand_back
+        return lent
 
     @property
     def metadata_types(self) -> tuple[tuple[str, torch.dtype], ...]:
@@ -281,8 +290,15 @@ class PatchLoader:
     iteration resumes mid-epoch; after a full epoch the position moves to the next epoch.
     """
 
-    def __init__(self, dataset: PatchDataset, loader: DataLoader, batch_size: int, device: torch.device) -> None:
-        self.dataset, self.loader, self.device = dataset, loader, device
+    def __init__(
+        self,
+        dataset: PatchDataset,
+        loader: DataLoader,
+        batch_size: int,
+        device: torch.device,
+        hand_back: HandBack | None = None,
+    ) -> None:
+        self.dataset, self.loader, self.device, self._hand_back = dataset, loader, device, hand_back
         self.batch_size, self.num_workers = batch_size, loader.num_workers
         self._epoch, self._done, _ = dataset.position  # live progress, kept here in the main process
         dataset.set_position(self._epoch, self._done, batch_size)
@@ -338,6 +354,7 @@ class PatchLoader:
         if iterator is not None:
             iterator._shutdown_workers()
             self.loader._iterator = None
+        self._mapped.clear()  # the stopped workers' segments
 
     def _to_device(self, batch: dict[str, Any] | None) -> dict[str, Any] | None:
         """Start the batch's copy (and the split of its mask code) on the side stream; CPU: split here. A batch in
@@ -356,7 +373,7 @@ class PatchLoader:
                 batch["image"] = pooled_tensor(self._pool, batch["image"].shape, torch.float16).copy_(batch["image"])
             moved = unpack_masks(batch, self._pool)
         if slot is not None:
-            self.dataset.hand_back.give_back(*slot)
+            self._hand_back.give_back(*slot)
         return moved
 
     def _ready(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -385,9 +402,9 @@ def make_loader(
     device = torch.device(device)
     # A worker has at most prefetch_factor batches queued, one being written and one being pinned: so many slots
     # (49 MB each at 4 x 160^3) stay mapped per worker; beyond them it makes fresh segments (batch_memory).
-    dataset.hand_back = HandBack(num_workers, prefetch_factor + 2) if num_workers > 0 else None
+    hand_back = HandBack(num_workers, prefetch_factor + 2) if num_workers > 0 else None
     loader = DataLoader(
-        dataset,
+        dataset.lending(hand_back),
         batch_size=None,  # the dataset batches: crops are copied straight into (shared) batch tensors
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
@@ -395,7 +412,7 @@ def make_loader(
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
     )
-    return PatchLoader(dataset, loader, batch_size, device)
+    return PatchLoader(dataset, loader, batch_size, device, hand_back)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -119,7 +119,7 @@ def check(refs: Sequence[VolumeRef], reader: Reader, settings_hash: str | None) 
         except FileNotFoundError:
             raise StoreError(f"volume {ref.id}: no group metadata at {url} (is {root} the right store?)") from None
         try:
-            attributes = json.loads(raw).get("attributes", {})
+            attributes = json.loads(bytes(raw)).get("attributes", {})
             found, store_format = attributes.get("settings_hash"), attributes.get("store_format")
         except (ValueError, AttributeError):
             raise StoreError(f"volume {ref.id}: {url} is not zarr group metadata (damaged?)") from None
@@ -159,7 +159,7 @@ def read_volume(
     try:
         raws = reader.cat(urls)
     except FileNotFoundError as e:
-        raise StoreError(f"volume {volume_id}: no chunk at {e.filename or base}") from None
+        raise StoreError(f"volume {volume_id}: no object {e.filename or base}") from None
     except StoreError as e:
         raise StoreError(f"volume {volume_id}: {e}") from None
     arrays = len(ARRAYS)

@@ -99,24 +99,45 @@ def test_a_hand_back_slot_is_written_again_only_once_handed_back() -> None:
     assert hand_back.out[1].tolist() == [0, 0] and hand_back.out[0].tolist() == [1, 0]
 
 
+def _assert_own_voxels(held: list[dict], volumes: dict) -> None:
+    """Each held batch still holds the crops its ids and origins name, and no two share memory."""
+    assert len({b["image"].data_ptr() for b in held}) == len(held)
+    for batch in held:
+        for i, (volume_id, origin) in enumerate(zip(batch["id"], batch["origin"].tolist(), strict=True)):
+            image = volumes[volume_id].image
+            box = tuple(slice(max(o, 0), o + PATCH) for o in origin)
+            inside = tuple(slice(s.start - o, s.start - o + image[box].shape[k])
+                           for k, (s, o) in enumerate(zip(box, origin, strict=True)))  # fmt: skip
+            assert np.array_equal(batch["image"][i, 0].numpy()[inside], image[box])
+            assert int(batch["valid"][i].sum()) == image[box].size
+
+
 @pytest.mark.parametrize(("store", "workers"), [("zarr", 0), ("wds", 0), ("zarr", 2), ("wds", 1)])
 def test_every_held_batch_of_an_epoch_keeps_its_own_voxels(tmp_path: Path, store: str, workers: int) -> None:
     volumes = mni_volumes(9, seed=3)
-    manifest = write_store(tmp_path, volumes)
-    dataset = PatchDataset(manifest, PATCH, store=store, foreground_bias=0.5, crops_per_volume=3)
+    dataset = PatchDataset(write_store(tmp_path, volumes), PATCH, store=store, foreground_bias=0.5, crops_per_volume=3)
     loader = make_loader(dataset, batch_size=2, num_workers=workers)
     for held in (list(loader), list(loader)):  # every batch alive at once; the second epoch reuses the memory
-        assert len({b["image"].data_ptr() for b in held}) == len(held)
-        for batch in held:
-            for i, (volume_id, origin) in enumerate(zip(batch["id"], batch["origin"].tolist(), strict=True)):
-                image = volumes[volume_id].image
-                box = tuple(slice(max(o, 0), o + PATCH) for o in origin)
-                inside = tuple(slice(s.start - o, s.start - o + image[box].shape[k])
-                               for k, (s, o) in enumerate(zip(box, origin, strict=True)))  # fmt: skip
-                assert np.array_equal(batch["image"][i, 0].numpy()[inside], image[box])
-                assert int(batch["valid"][i].sum()) == image[box].size
+        _assert_own_voxels(held, volumes)
         if workers:
-            assert int(dataset.hand_back.out.sum()) == 0  # every slot handed back
+            assert int(loader._hand_back.out.sum()) == 0  # every slot handed back
+    loader.close()
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_a_broken_off_epoch_leaves_no_slot_out_and_no_batch_overwritten(tmp_path: Path, context: str) -> None:
+    volumes = mni_volumes(8, seed=5)
+    dataset = PatchDataset(write_store(tmp_path, volumes), PATCH, crops_per_volume=3)
+    loader = make_loader(dataset, batch_size=2, num_workers=2, multiprocessing_context=context)
+    assert dataset._hand_back is None  # the caller's dataset lends no slots to another DataLoader
+    early = []
+    for batch in loader:  # the workers have batches in flight when the epoch is broken off
+        early.append(batch)
+        if len(early) == 2:
+            break
+    held = early + list(loader) + list(loader)  # the rest of that epoch, then a whole one
+    _assert_own_voxels(held, volumes)
+    assert len(held) == len(loader) * 2 and int(loader._hand_back.out.sum()) == 0
     loader.close()
 
 
@@ -124,7 +145,7 @@ def test_a_demo_head_reads_the_same_through_the_pool_as_through_zarr(demo_out: P
     manifest = demo_out / "manifest.parquet"
     dataset = PatchDataset(manifest, 160)
     read = dataset._read_function()
-    for ref in dataset.volumes[:3]:
-        volume = read(ref)
+    held = [(ref, read(ref)) for ref in dataset.volumes[:3]]  # all alive at once: none may overwrite another
+    for ref, volume in held:
         group = zarr_store.open_volume(Path(ref.url), ref.id)
         assert np.array_equal(volume.image, group["image"][:]) and np.array_equal(volume.code, group["mask"][:])

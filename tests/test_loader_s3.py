@@ -72,7 +72,7 @@ def test_missing_object_on_s3_names_the_volume_and_url(stores: tuple[Path, str],
     fs = s3fs.S3FileSystem(**s3_options)
     fs.rm(f"{remote}/store.zarr/volumes/{lost}", recursive=True)
     try:
-        with pytest.raises(StoreError, match=f"{lost}: no chunk at s3://loader-test/store/store.zarr/volumes/{lost}"):
+        with pytest.raises(StoreError, match=f"{lost}: no object s3://loader-test/store/store.zarr/volumes/{lost}"):
             list(make_loader(dataset, batch_size=4, num_workers=1))
     finally:  # the other tests read the same bucket
         fs.put(str(local / "store.zarr" / "volumes" / lost), f"{remote}/store.zarr/volumes/{lost}", recursive=True)
