@@ -26,7 +26,7 @@ from nibabel.testing import data_path
 
 from openmind_tools import loader_stages, zarr_store
 from openmind_tools.errors import ConfigError, StoreError
-from openmind_tools.loader import PatchDataset, make_loader
+from openmind_tools.loader import PatchDataset, PatchLoader, make_loader
 from openmind_tools.loader_stages import crop_volumes, read_volumes, split_by_rank, split_by_worker, wrap_to_multiple
 from openmind_tools.manifest import balance_weights
 from openmind_tools.reads import Reader
@@ -377,13 +377,23 @@ def test_160_patches_from_the_converted_demo_corpus(demo_out: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_batches_arrive_on_the_device_equal_to_cpu_batches(store16: Path) -> None:
-    def epoch(device: str) -> list[dict]:
+    def loader(device: str) -> PatchLoader:
         dataset = PatchDataset(store16 / "manifest.parquet", PATCH, crops_per_volume=2, seed=0)
-        return run_epoch(make_loader(dataset, batch_size=4, num_workers=2, device=device))
+        return make_loader(dataset, batch_size=4, num_workers=2, device=device)
 
-    on_gpu = epoch("cuda")
-    assert on_gpu[0]["image"].is_cuda
-    assert_same_batches([{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in on_gpu], epoch("cpu"))
+    on_cpu = loader("cpu")
+    expected = list(on_cpu) + list(on_cpu)  # two epochs
+    on_cpu.close()
+    gpu = loader("cuda")
+    held = []
+    for batch in gpu:  # broken off with batches in flight, then resumed: the hand-back slots are reused throughout
+        held.append(batch)
+        if len(held) == 2:
+            break
+    held += list(gpu) + list(gpu)
+    assert held[0]["image"].is_cuda and int(gpu._hand_back.out.sum()) == 0
+    gpu.close()
+    assert_same_batches([{k: v.cpu() if torch.is_tensor(v) else v for k, v in b.items()} for b in held], expected)
 
 
 @pytest.mark.parametrize("store", STORES)
