@@ -16,6 +16,7 @@ import functools
 import hashlib
 import itertools
 import math
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -397,8 +398,10 @@ def make_loader(
     multiprocessing_context: str | None = None,
 ) -> PatchLoader:
     """A PatchLoader: persistent workers (stores stay open across epochs), pinned memory on CUDA."""
-    if batch_size < 1:
-        raise ConfigError(f"batch_size: expected at least 1, got {batch_size}")
+    for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                               ("prefetch_factor", prefetch_factor, 1)):  # fmt: skip
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"{name}: expected an integer of at least {least}, got {value!r}")
     device = torch.device(device)
     # A worker has at most prefetch_factor batches queued, one being written and one being pinned: so many slots
     # (49 MB each at 4 x 160^3) stay mapped per worker; beyond them it makes fresh segments (batch_memory).

@@ -303,6 +303,14 @@ def test_bad_loader_arguments_are_config_errors(store: Path, argument: dict, mes
         PatchDataset(store / "manifest.parquet", PATCH, **argument)
 
 
+@pytest.mark.parametrize("argument", [{"batch_size": 0}, {"batch_size": 2.5}, {"num_workers": -1},
+                                      {"prefetch_factor": 0}, {"num_workers": True}])  # fmt: skip
+def test_bad_make_loader_arguments_are_config_errors(store: Path, argument: dict) -> None:
+    name, value = next(iter(argument.items()))
+    with pytest.raises(ConfigError, match=rf"{name}: expected an integer of at least \d, got {value!r}"):
+        make_loader(PatchDataset(store / "manifest.parquet", PATCH), **{"batch_size": 2, **argument})
+
+
 @pytest.mark.parametrize("shape", [[30, 0, 30], [30, 30], "abc", "123", None, [30.5, 30, 30], [30, float("nan"), 30]])
 def test_a_malformed_manifest_shape_is_refused_naming_the_volume(store: Path, shape: object) -> None:
     rows, _ = read_table(store / "manifest.parquet")
