@@ -50,6 +50,7 @@ DEFAULT_CODEC = "lz4"
 STORE_FORMAT = "openmind-zarr/3"  # 3: uint8 mask array; 2: crc32c after blosc. The group's attributes say which
 MANIFEST_COLUMNS = ("zarr_store",)  # where a manifest row says its volume lives
 _BLOSC_HEADER = 16  # bytes: version, flags, typesize, then uncompressed size, block size, compressed size (LE)
+_METADATA_BYTES = 1 << 16  # read of an array's zarr.json (ours are ~1 KB; more reads as damaged json)
 
 
 def group_path(volume_id: str) -> str:
@@ -115,7 +116,7 @@ def check(refs: Sequence[VolumeRef], reader: Reader, settings_hash: str | None) 
     for root, ref in firsts.items():
         url = f"{root}/{group_path(ref.id)}/zarr.json"
         try:
-            (raw,) = reader.cat([url])
+            (raw,) = reader.cat([url], [(0, _METADATA_BYTES)])
         except FileNotFoundError:
             raise StoreError(f"volume {ref.id}: no group metadata at {url} (is {root} the right store?)") from None
         try:
@@ -156,8 +157,12 @@ def read_volume(
     urls = [f"{base}/{chunk}" for chunk in CHUNKS.values()]
     urls += [f"{base}/{name}/zarr.json" for name in ARRAYS] if metadata else []
     reader = reader or Reader.for_url(base)
+    # Read no more of an object than it can validly hold, plus a byte to show it holds more: a file of any size
+    # in a chunk's place (a wrong copy, junk appended) costs that much memory, never the file's size.
+    limits = [math.prod(shape) * dtype.itemsize + _BLOSC_HEADER + 4 + 1 for dtype in ARRAYS.values()]
+    limits += [_METADATA_BYTES] * (len(urls) - len(limits))
     try:
-        raws = reader.cat(urls)
+        raws = reader.cat(urls, [(0, limit) for limit in limits])
     except FileNotFoundError as e:
         raise StoreError(f"volume {volume_id}: no object {e.filename or base}") from None
     except StoreError as e:

@@ -196,6 +196,18 @@ def test_plain_zarr_checks_the_chunk_checksum_too(store: Path) -> None:
         zarr_store.open_volume(store / "store.zarr", victim["id"])["image"][:]
 
 
+def test_a_huge_file_in_a_chunks_place_is_read_no_further_than_a_chunk_reaches(store: Path, monkeypatch) -> None:
+    chunk, victim = _chunk(store), _victim(store)
+    with chunk.open("ab") as f:
+        f.truncate(chunk.stat().st_size + 200 * 2**20)  # 200 MB of zeros after the chunk (sparse on disk)
+    read: list[int] = []
+    cat = Reader.cat
+    monkeypatch.setattr(Reader, "cat", lambda self, *a: [read.append(len(b)) or b for b in cat(self, *a)])
+    with pytest.raises(StoreError, match=f"{victim['id']}.*damaged chunk"):
+        zarr_store.read_volume(str(store / "store.zarr"), victim["id"], tuple(victim["shape"]))
+    assert read[0] == int(np.prod(victim["shape"])) * 2 + 16 + 4 + 1  # the largest valid chunk, plus one byte
+
+
 @pytest.mark.parametrize(("kind", "message"), [("zarr", "array is float16 of shape"), ("wds", "manifest says float16")])
 def test_a_permuted_manifest_shape_is_named_by_the_loader(store: Path, pristine: Path, kind: str, message: str) -> None:
     rows = pd.read_parquet(store / "manifest.parquet")
