@@ -290,7 +290,7 @@ def unpack_masks(batch: dict[str, Any], pool: BufferPool | None = None) -> dict[
     batch = dict(batch)
     masks = batch.pop("masks")
     for name, bit in MASK_BITS.items():
-        out = None if pool is None or masks.is_cuda else pooled_tensor(pool, masks.shape, torch.uint8)
+        out = None if pool is None else pooled_tensor(pool, masks.shape, torch.uint8)
         batch[name] = torch.bitwise_and(masks, 1 << bit, out=out).ne_(0)  # one pass writing 0/1; shifts cost 3x
     return batch
 

@@ -100,8 +100,8 @@ class Reader:
         out: list[Buffer] = []
         for url, span in zip(urls, spans, strict=True):
             with open(self.fs._strip_protocol(url), "rb", buffering=0) as f:
-                start, end = (0, None) if span is None else (span[0], span[0] + span[1])
-                end = os.fstat(f.fileno()).st_size if end is None else min(end, os.fstat(f.fileno()).st_size)
+                length = os.fstat(f.fileno()).st_size
+                start, end = (0, length) if span is None else (span[0], min(span[0] + span[1], length))
                 size = max(end - start, 0)
                 f.seek(start)
                 if size < _POOLED_BYTES:
