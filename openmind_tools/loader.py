@@ -402,7 +402,12 @@ def make_loader(
                                ("prefetch_factor", prefetch_factor, 1)):  # fmt: skip
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
             raise ConfigError(f"{name}: expected an integer of at least {least}, got {value!r}")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device} asked for, but this torch sees no CUDA device")
     # A worker has at most prefetch_factor batches queued, one being written and one being pinned: so many slots
     # (49 MB each at 4 x 160^3) stay mapped per worker; beyond them it makes fresh segments (batch_memory).
     hand_back = HandBack(num_workers, prefetch_factor + 2) if num_workers > 0 else None

@@ -15,6 +15,7 @@ import numcodecs
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from corpus_helpers import small_corpus
 from loader_helpers import PATCH, mni_volumes, rewrite_manifest, write_store
 
@@ -321,6 +322,15 @@ def test_bad_make_loader_arguments_are_config_errors(store: Path, argument: dict
     name, value = next(iter(argument.items()))
     with pytest.raises(ConfigError, match=rf"{name}: expected an integer of at least \d, got {value!r}"):
         make_loader(PatchDataset(store / "manifest.parquet", PATCH), **{"batch_size": 2, **argument})
+
+
+def test_a_device_that_is_not_there_is_a_config_error(store: Path) -> None:
+    dataset = PatchDataset(store / "manifest.parquet", PATCH)
+    with pytest.raises(ConfigError, match="device: expected a torch device"):
+        make_loader(dataset, batch_size=2, device="gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA device"):
+            make_loader(dataset, batch_size=2, device="cuda")
 
 
 @pytest.mark.parametrize("shape", [[30, 0, 30], [30, 30], "abc", "123", None, [30.5, 30, 30], [30, float("nan"), 30]])
