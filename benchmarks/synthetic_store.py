@@ -82,6 +82,7 @@ def write_synthetic_store(count: int, out: str | Path, *, seed: int = 0, small: 
             pending_bytes = 0
     if pending:
         flush()
+    zarr_store.write_hierarchy(out / "store.zarr", [row["id"] for row in rows])
     manifest = out / MANIFEST
     meta = {"settings_hash": SETTINGS_HASH, "settings": {"synthetic": True}, "formats": ["zarr", "wds"]}
     write_table(pd.DataFrame(rows).sort_values("id", ignore_index=True), manifest, meta)

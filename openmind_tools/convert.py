@@ -137,6 +137,7 @@ def _convert_locked(
             done[record["id"]] = record
             _append(log, {"volume": record})
         ok = sorted(i for i in (img.id for img in corpus.images) if done[i]["status"] == "ok")
+        zarr_store.write_hierarchy(zarr_root, ok)
         shards = journal.shards
         if "wds" in formats:
             _pack_shards(out, zarr_root, [done[i] for i in ok], shards, shard_bytes, client, progress, log)

@@ -74,8 +74,9 @@ def discover(root: str | Path, modalities: Sequence[str] | None = None, limit: i
 
 
 def volume_id(relative_path: str) -> str:
-    """Stable id of an image: its path relative to the image folder, without .nii/.nii.gz."""
-    path = relative_path.replace("\\", "/").strip("/")
+    """Stable id of an image: its path relative to the image folder, without .nii/.nii.gz, and without empty or
+    `.` parts (`a//b` and `a/./b` name the file `a/b` names, so they get its id and are refused as repeats)."""
+    path = "/".join(part for part in relative_path.replace("\\", "/").split("/") if part not in ("", "."))
     for ext in (".nii.gz", ".nii"):
         if path.endswith(ext):
             return path[: -len(ext)]

@@ -54,6 +54,10 @@ def verify(out: str | Path, progress: bool = True, client: Any = None) -> list[P
         rows = list(zip(*columns, strict=True))
         for found in run_tasks(_check_volume, rows, client, progress=progress, what="verify zarr", out=str(out)):
             problems += found
+        for store, ids in manifest.groupby("zarr_store")["id"]:
+            for folder in zarr_store.missing_groups(out / store, ids):
+                reason = "no group metadata: zarr clients cannot list the volumes below"
+                problems.append(Problem(None, out / store / folder / "zarr.json", "zarr", reason))
     if "wds_shard" in manifest:
         absent = [c for c in wds_store.MANIFEST_COLUMNS if c not in manifest]
         if absent:
@@ -72,7 +76,9 @@ def _check_volume(row: tuple[str, str, str, tuple[int, int, int], str], out: str
     root = Path(out) / store
     path = root / array
     try:
-        got = zarr_store.read_volume(str(root), volume_id, shape).checksum()
+        reader = Reader.for_url(str(root))
+        zarr_store.group_attributes(str(path / "zarr.json"), f"volume {volume_id}", reader)
+        got = zarr_store.read_volume(str(root), volume_id, shape, reader).checksum()
     except Exception as e:  # any decode failure is a finding, not a crash
         return [Problem(volume_id, path, "zarr", f"unreadable ({type(e).__name__}: {e})")]
     return [] if got == checksum else [Problem(volume_id, path, "zarr", f"checksum {got} != manifest {checksum}")]

@@ -1,6 +1,10 @@
 """Zarr v3 layout of converted volumes: the only module that knows it.
 
-One group per volume at `volumes/<volume id>`, holding two arrays of one chunk each: `image` (X, Y, Z) float16,
+One group per volume at `group_path(id)`: `volumes/` then the id's folders, its last part ending in `.vol`
+(`volumes/ds000101/sub-01/anat/sub-01_T1w.vol`), each part percent-encoded where it could clash (`%`, a
+trailing `.vol`, `zarr.json`, a `__` prefix, dots alone, characters outside `[A-Za-z0-9._-]`). So no id can reach
+another's location: `x/sub-08_T1w` and `x/sub-08_T1w/image` are two groups, and a volume's group never holds
+another volume. It holds two arrays of one chunk each: `image` (X, Y, Z) float16,
 the z-scored image, and `mask` (X, Y, Z) uint8, the mask code (bit 0 anatomy, bit 1 deface). Each chunk is blosc
 (lz4 by default; `CODECS`), then zarr v3's `crc32c` codec (a little-endian CRC-32C of the blosc bytes appended), so
 plain zarr-python and tensorstore check it too. `read` checks each chunk's CRC and its blosc header's sizes
@@ -8,9 +12,11 @@ against the chunk and the manifest's shape before it decompresses, so no damaged
 trusts those sizes (a chunk cut short used to end the reader with SIGSEGV). Store format 2 held the code as a
 float16 second channel of one array: twice the code's bytes, and a float-to-uint8 pass over every crop that cost
 more than the decode. The two objects are fetched together (`Reader.cat`: one round trip on S3), and a 160^3
-patch is nearly a whole 1 mm brain, so one chunk per array beats any chunk grid. No group lists the volumes:
-the manifest is the index. Plain `zarr.open_group(store, path=...)` reads every volume; `read` skips zarr's
-per-call overhead by fetching the chunk objects and decoding them with numcodecs, given the manifest's shape.
+patch is nearly a whole 1 mm brain, so one chunk per array beats any chunk grid. The store is a valid Zarr
+hierarchy (the root, `volumes/` and every folder between have group metadata; no consolidated metadata, which
+would be one 114k-entry document), so zarr-python and tensorstore list and open every volume without the
+manifest; the manifest stays the index the loader uses. `read` skips zarr's per-call overhead by fetching the
+chunk objects and decoding them with numcodecs, given the manifest's shape.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +38,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from openmind_tools.buffers import BufferPool
 from openmind_tools.errors import ConfigError, StoreError
-from openmind_tools.files import file_problem
+from openmind_tools.files import atomic_write_text, file_problem
 from openmind_tools.reads import Buffer, Reader
 from openmind_tools.volume import Volume, VolumeRef, finite
 
@@ -47,14 +53,39 @@ CHUNKS = {name: f"{name}/c/0/0/0" for name in ARRAYS}  # each array's one chunk,
 # scarcest (0.70x lz4's, at 3.3x its decode time).
 CODECS = {"lz4": ("lz4", 5), "lz4hc": ("lz4hc", 5), "zstd": ("zstd", 3)}
 DEFAULT_CODEC = "lz4"
-STORE_FORMAT = "openmind-zarr/3"  # 3: uint8 mask array; 2: crc32c after blosc. The group's attributes say which
+# 4: a Zarr hierarchy, encoded group paths; 3: uint8 mask array; 2: crc32c after blosc. The root's and every
+# volume group's attributes say which
+STORE_FORMAT = "openmind-zarr/4"
 MANIFEST_COLUMNS = ("zarr_store",)  # where a manifest row says its volume lives
 _BLOSC_HEADER = 16  # bytes: version, flags, typesize, then uncompressed size, block size, compressed size (LE)
 _METADATA_BYTES = 1 << 16  # read of an array's zarr.json (ours are ~1 KB; more reads as damaged json)
 
 
+VOLUME_SUFFIX = ".vol"  # ends the name of a volume's group, and no other group's
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.")
+_GROUP_METADATA = '{"zarr_format": 3, "node_type": "group", "attributes": %s}'
+
+
 def group_path(volume_id: str) -> str:
-    return f"volumes/{volume_id}"
+    """Where a volume's group lives in the store: a place no other id maps to (see the module docstring)."""
+    names = [_node_name(part) for part in volume_id.split("/")]
+    return "/".join(["volumes", *names[:-1], names[-1] + VOLUME_SUFFIX])
+
+
+def _node_name(part: str) -> str:
+    """`part` as a Zarr node name that is not reserved and cannot end in VOLUME_SUFFIX; percent-encoding the
+    characters that would (and `%` always) keeps the map from ids to paths one-to-one."""
+    if not part:
+        raise ValueError("a volume id has no empty path part")
+    name = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in part)
+    if name.endswith(VOLUME_SUFFIX) or name == "zarr.json":
+        cut = name.rindex(".")
+        name = f"{name[:cut]}%2E{name[cut + 1 :]}"
+    if name.startswith("__"):
+        name = "%5F" + name[1:]
+    if set(name) == {"."}:
+        name = "%2E" * len(name)
+    return name
 
 
 def write_volume(
@@ -71,7 +102,7 @@ def write_volume(
     cname, clevel = CODECS[codec]
     root = Path(root)
     final = root / group_path(volume_id)
-    tmp = root / ".tmp" / uuid.uuid4().hex
+    tmp = _partial_dir(root) / uuid.uuid4().hex
     group = zarr.create_group(store=str(tmp), attributes={**attrs, "store_format": STORE_FORMAT}, zarr_format=3)
     nbytes = 0
     for (name, dtype), data in zip(ARRAYS.items(), (volume.image, volume.mask_code), strict=True):
@@ -95,6 +126,8 @@ def write_volume(
         chunk.write_bytes(body + google_crc32c.value(body).to_bytes(4, "little"))
         nbytes += chunk.stat().st_size
     final.parent.mkdir(parents=True, exist_ok=True)
+    if file_problem(root / "zarr.json") is not None:  # the store's format, which readers check first
+        write_hierarchy(root, ())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -108,31 +141,41 @@ def locate(row: Any, resolve: Callable[[str], str]) -> tuple[str, None, None]:
 
 
 def check(refs: Sequence[VolumeRef], reader: Reader, settings_hash: str | None) -> None:
-    """Refuse a store of another format, or written with other settings than the manifest says: read the
-    attributes of one volume per store (one small GET; checking all 114k would double the requests of an epoch)."""
+    """Refuse a store of another format, or written with other settings than the manifest says: read the store's
+    root metadata and the attributes of one volume per store (small GETs; checking all 114k would double the
+    requests of an epoch)."""
     firsts: dict[str, VolumeRef] = {}
     for ref in refs:
         firsts.setdefault(ref.url, ref)
     for root, ref in firsts.items():
-        url = f"{root}/{group_path(ref.id)}/zarr.json"
-        try:
-            (raw,) = reader.cat([url], [(0, _METADATA_BYTES)])
-        except FileNotFoundError:
-            raise StoreError(f"volume {ref.id}: no group metadata at {url} (is {root} the right store?)") from None
-        try:
-            attributes = json.loads(bytes(raw)).get("attributes", {})
-            found, store_format = attributes.get("settings_hash"), attributes.get("store_format")
-        except (ValueError, AttributeError):
-            raise StoreError(f"volume {ref.id}: {url} is not zarr group metadata (damaged?)") from None
+        store_format = group_attributes(f"{root}/zarr.json", f"store {root}", reader).get("store_format")
         if store_format != STORE_FORMAT:
-            raise StoreError(f"store {root} has store format {store_format or 'openmind-zarr/1 or /2'} (volume "
-                             f"{ref.id}); this loader reads {STORE_FORMAT}: convert the corpus again with this "
-                             "openmind-convert")  # fmt: skip
-        if settings_hash is not None and found != settings_hash:
+            raise StoreError(f"store {root} has store format {store_format}; this loader reads {STORE_FORMAT}: "
+                             "convert the corpus again with this openmind-convert")  # fmt: skip
+        found = group_attributes(f"{root}/{group_path(ref.id)}/zarr.json", f"volume {ref.id}", reader)
+        if settings_hash is not None and found.get("settings_hash") != settings_hash:
             raise ConfigError(
-                f"store {root} was written with settings_hash {found} (volume {ref.id}), but the manifest "
-                f"says {settings_hash}: the store and manifest come from different conversions"
+                f"store {root} was written with settings_hash {found.get('settings_hash')} (volume {ref.id}), but "
+                f"the manifest says {settings_hash}: the store and manifest come from different conversions"
             )
+
+
+def group_attributes(url: str, what: str, reader: Reader) -> dict[str, Any]:
+    """The attributes of the group metadata at `url`; a StoreError naming `what` if it is missing or damaged.
+    Stores of converter 0.4 and older have no root metadata, so they are named here too."""
+    try:
+        (raw,) = reader.cat([url], [(0, _METADATA_BYTES)])
+    except FileNotFoundError:
+        raise StoreError(f"{what}: no group metadata at {url} (a store of openmind-convert 0.4 or older, which "
+                         "must be converted again, or not a store)") from None  # fmt: skip
+    try:
+        metadata = json.loads(bytes(raw))
+        attributes = metadata["attributes"]
+        if metadata["node_type"] != "group" or not isinstance(attributes, dict):
+            raise ValueError("not a group")
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise StoreError(f"{what}: {url} is not zarr group metadata (damaged?)") from None
+    return attributes
 
 
 def read(ref: VolumeRef, reader: Reader, settings_hash: str | None = None) -> Volume:
@@ -222,9 +265,30 @@ def check_chunk(raw: Buffer, nbytes: int, itemsize: int, where: str) -> bytes:
     return body
 
 
+def write_hierarchy(root: str | Path, volume_ids: Iterable[str]) -> None:
+    """Group metadata for the store's root (with its format), `volumes/` and every folder above the volumes' groups,
+    where it is missing: what makes the store a Zarr hierarchy that zarr-python and tensorstore list. Written by
+    the conversion's driver once its volumes are in place (two workers never race on one folder's metadata)."""
+    root = Path(root)
+    atomic_write_text(root / "zarr.json", _GROUP_METADATA % json.dumps({"store_format": STORE_FORMAT}))
+    for folder in missing_groups(root, volume_ids):
+        atomic_write_text(root / folder / "zarr.json", _GROUP_METADATA % "{}")
+
+
+def missing_groups(root: str | Path, volume_ids: Iterable[str]) -> list[str]:
+    """The folders between the store's root and the volumes' groups that lack group metadata (a stat each)."""
+    folders = {str(Path(group_path(volume_id)).parent) for volume_id in volume_ids}
+    for folder in list(folders):
+        folders.update(str(parent) for parent in Path(folder).parents if str(parent) != ".")
+    return [folder for folder in sorted(folders) if file_problem(Path(root) / folder / "zarr.json") is not None]
+
+
 def is_stored(root: str | Path, volume_id: str) -> bool:
-    """Whether the volume's chunks are on local disk (a stat each, no read): a rerun's check of its journal."""
-    return all(file_problem(Path(root) / group_path(volume_id) / chunk) is None for chunk in CHUNKS.values())
+    """Whether the volume's group, arrays and chunks are all on local disk (a stat each, no read): a rerun's check
+    of its journal, so a volume whose metadata was deleted is converted again."""
+    base = Path(root) / group_path(volume_id)
+    files = ["zarr.json", *(f"{name}/zarr.json" for name in ARRAYS), *CHUNKS.values()]
+    return all(file_problem(base / name) is None for name in files)
 
 
 def delete_volume(root: str | Path, volume_id: str) -> None:
@@ -239,4 +303,11 @@ def open_volume(root: str | Path, volume_id: str) -> zarr.Group:
 
 def clean_partial(root: str | Path) -> None:
     """Drop arrays a killed run left under their temporary names."""
-    shutil.rmtree(Path(root) / ".tmp", ignore_errors=True)
+    shutil.rmtree(_partial_dir(root), ignore_errors=True)
+
+
+def _partial_dir(root: str | Path) -> Path:
+    """Where volumes are written before their rename: beside the store, on its file system, but outside its
+    hierarchy (zarr-python warns about a folder without metadata inside one)."""
+    root = Path(root)
+    return root.parent / f".{root.name}.partial"

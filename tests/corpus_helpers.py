@@ -17,7 +17,8 @@ def small_corpus(root: Path, names: list[str]) -> Path:
     anat = nib.load(NIBABEL_DATA / "anatomical.nii")
     base = root / "OpenMind" / "ds000999" / "sub-01" / "anat"
     base.mkdir(parents=True)
-    for name in names:
+    for name in names:  # a name may hold folders: "sub-01_T1w/image.nii.gz"
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
         nib.save(anat, base / name)
     with (root / CSV_NAME).open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image_path", "modality"])

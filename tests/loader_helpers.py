@@ -66,6 +66,7 @@ def write_store(out: Path, volumes: dict[str, Volume], shards: int = 3, settings
                     **wds_store.manifest_cells(name, volume_id, sizes[wds_store.sample_key(volume_id)]),
                 }
             )
+    zarr_store.write_hierarchy(out / "store.zarr", ids)
     manifest = out / "manifest.parquet"
     meta = {"settings_hash": settings_hash, "settings": {}, "formats": ["zarr", "wds"]}
     write_table(pd.DataFrame(rows), manifest, meta)

@@ -223,6 +223,27 @@ def test_other_settings_into_the_same_folder_are_refused(demo_corpus: Path, tmp_
         convert(demo_corpus, tmp_path / "out", PreprocessSettings(spacing=2.0), limit=1, progress=False)
 
 
+def test_the_zarr_store_is_a_hierarchy_zarr_python_and_tensorstore_list_without_the_manifest(demo_out: Path) -> None:
+    import tensorstore as ts
+    import zarr
+
+    manifest, _ = read_table(demo_out / "manifest.parquet")
+    store = demo_out / "store.zarr"
+    root = zarr.open_group(str(store), mode="r")
+    assert root.attrs["store_format"] == zarr_store.STORE_FORMAT
+    listed = {path.rsplit("/", 1)[0]: node for path, node in root.members(max_depth=None)
+              if path.endswith("/image")}  # fmt: skip
+    assert sorted(listed) == sorted(manifest["zarr_array"])
+    keys = ts.KvStore.open(f"file://{store}/").result().list().result()
+    arrays = sorted(k.decode().removesuffix("/image/zarr.json") for k in keys if k.endswith(b"/image/zarr.json"))
+    assert arrays == sorted(manifest["zarr_array"])
+    for row in manifest.itertuples():
+        image = ts.open({"driver": "zarr3", "kvstore": f"file://{store}/{row.zarr_array}/image"}).result()
+        ours = zarr_store.read_volume(str(store), row.id, tuple(row.shape))
+        np.testing.assert_array_equal(image.read().result(), ours.image)
+        np.testing.assert_array_equal(listed[row.zarr_array][:], ours.image)
+
+
 def test_each_codec_stores_the_same_volumes_and_a_resume_keeps_its_codec(demo_corpus: Path, tmp_path: Path) -> None:
     sizes, volumes = {}, {}
     for codec in zarr_store.CODECS:

@@ -43,6 +43,42 @@ def test_long_names_and_ids_that_differ_by_a_dot_convert_into_unique_tar_keys(tm
     assert verify(tmp_path / "out", progress=False) == []
 
 
+def test_ids_that_nest_or_look_reserved_get_groups_no_other_id_reaches(tmp_path: Path) -> None:
+    names = ["sub-08_T1w.nii.gz", "sub-08_T1w/image.nii.gz", "sub-08_T1w/mask/zarr.json.nii.gz", "x.vol.nii.gz",
+             "x%2Evol.nii.gz", "__a b ü.nii.gz"]  # fmt: skip
+    root = small_corpus(tmp_path / "corpus", names)
+    out = tmp_path / "out"
+    assert main([str(root), str(out), "--format", "zarr", "--workers", "0", "--quiet"]) == 0
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    assert len(manifest) == len(names) and manifest["zarr_array"].is_unique
+    paths = [Path(p) for p in manifest["zarr_array"]]
+    assert not any(a in b.parents for a in paths for b in paths)  # no volume's group holds another's
+    assert verify(out, progress=False) == []
+    for row in manifest.itertuples():
+        assert zarr_store.read_volume(str(out / "store.zarr"), row.id, tuple(row.shape)).checksum() == row.checksum
+    victim = manifest[manifest["id"].str.endswith("/sub-08_T1w")].iloc[0]
+    zarr_store.delete_volume(out / "store.zarr", victim["id"])
+    assert {p.volume_id for p in verify(out, progress=False)} == {victim["id"]}  # the nested ones are intact
+    assert convert(root, out, formats=("zarr",), progress=False).skipped == len(names) - 1
+    assert verify(out, progress=False) == []
+
+
+def test_a_rerun_reconverts_a_volume_whose_group_metadata_was_deleted(tmp_path: Path) -> None:
+    root = small_corpus(tmp_path / "corpus", ["sub-01_T1w.nii.gz", "sub-02_T1w.nii.gz"])
+    out = tmp_path / "out"
+    convert(root, out, formats=("zarr",), progress=False)
+    first = pd.read_parquet(out / "manifest.parquet").iloc[0]
+    (out / "store.zarr" / first["zarr_array"] / "zarr.json").unlink()
+    folder = out / "store.zarr" / Path(first["zarr_array"]).parent / "zarr.json"
+    folder.unlink()  # zarr clients could no longer list the volumes below
+    assert [(p.volume_id, p.path) for p in verify(out, progress=False)] == [
+        (first["id"], out / "store.zarr" / first["zarr_array"]),
+        (None, folder),
+    ]
+    assert convert(root, out, formats=("zarr",), progress=False).skipped == 1
+    assert verify(out, progress=False) == [] and folder.is_file()
+
+
 def test_a_fifo_where_a_file_should_be_is_refused_never_waited_on(tmp_path: Path) -> None:
     root = small_corpus(tmp_path / "corpus", ["sub-01_T1w.nii.gz", "sub-01_run-2_T1w.nii.gz"])
     image = root / "OpenMind" / "ds000999" / "sub-01" / "anat" / "sub-01_run-2_T1w.nii.gz"

@@ -234,7 +234,7 @@ def test_missing_sample_raises_naming_the_volume_and_the_store(store16: Path, tm
            "wds_key": ghost, "wds_offset": 2**30, "wds_size": 2048, "wds_crc32c": [0, 0, 0]}  # fmt: skip
     manifest = rewrite_manifest(store16 / "manifest.parquet", store16 / f"ghost-{store}.parquet", extra_rows=[row])
     dataset = PatchDataset(manifest, PATCH, store=store, seed=0)
-    where = "store.zarr/volumes/" + ghost if store == "zarr" else "shards/shard-000001.tar"
+    where = "store.zarr/" + zarr_store.group_path(ghost) if store == "zarr" else "shards/shard-000001.tar"
     with pytest.raises(StoreError, match=f"{ghost}.*{where}"):
         run_epoch(make_loader(dataset, batch_size=4, num_workers=1))
 
@@ -256,7 +256,7 @@ def test_skip_policy_fills_the_slot_and_keeps_the_step_count(
     store = tmp_path / "store"
     shutil.copytree(store16, store)
     lost = sorted(pd.read_parquet(store / "manifest.parquet")["id"])[5]
-    shutil.rmtree(store / "store.zarr" / "volumes" / lost)
+    shutil.rmtree(store / "store.zarr" / zarr_store.group_path(lost))
     loader = make_loader(PatchDataset(store / "manifest.parquet", PATCH, on_error="skip"), batch_size=4)
     with caplog.at_level(logging.ERROR):
         batches = run_epoch(loader)
@@ -276,7 +276,7 @@ def test_a_worker_whose_whole_share_is_unreadable_still_yields_its_steps(store16
     share = list(loader_stages.split_by_worker(order, worker=1, num_workers=2))  # worker 1's 8 volumes
     for volume in share:  # damage every one of them, in the store being read
         if store == "zarr":
-            shutil.rmtree(copy / "store.zarr" / "volumes" / volume.id)
+            shutil.rmtree(copy / "store.zarr" / zarr_store.group_path(volume.id))
         else:  # zero the sample's bytes in its shard
             with open(volume.url, "r+b") as shard:
                 shard.seek(volume.span[0])
@@ -289,7 +289,7 @@ def test_a_worker_whose_whole_share_is_unreadable_still_yields_its_steps(store16
     dead = PatchDataset(copy / "manifest.parquet", PATCH, store=store, on_error="skip", seed=4)
     if store == "zarr":
         for volume in order:
-            shutil.rmtree(copy / "store.zarr" / "volumes" / volume.id, ignore_errors=True)
+            shutil.rmtree(copy / "store.zarr" / zarr_store.group_path(volume.id), ignore_errors=True)
         with pytest.raises(StoreError, match="nor any other volume of its rank"):
             run_epoch(make_loader(dead, batch_size=4))
 

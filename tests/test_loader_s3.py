@@ -12,6 +12,7 @@ import torch
 from loader_helpers import PATCH, mni_volumes, write_store
 from moto.server import ThreadedMotoServer
 
+from openmind_tools import zarr_store
 from openmind_tools.errors import StoreError
 from openmind_tools.loader import PatchDataset, make_loader
 
@@ -70,12 +71,18 @@ def test_missing_object_on_s3_names_the_volume_and_url(stores: tuple[Path, str],
     dataset = PatchDataset(f"{remote}/manifest.parquet", PATCH, storage_options=s3_options)
     lost = dataset.volumes[3].id
     fs = s3fs.S3FileSystem(**s3_options)
-    fs.rm(f"{remote}/store.zarr/volumes/{lost}", recursive=True)
+    fs.rm(f"{remote}/store.zarr/{zarr_store.group_path(lost)}", recursive=True)
     try:
-        with pytest.raises(StoreError, match=f"{lost}: no object s3://loader-test/store/store.zarr/volumes/{lost}"):
+        with pytest.raises(
+            StoreError, match=f"{lost}: no object s3://loader-test/store/store.zarr/{zarr_store.group_path(lost)}"
+        ):
             list(make_loader(dataset, batch_size=4, num_workers=1))
     finally:  # the other tests read the same bucket
-        fs.put(str(local / "store.zarr" / "volumes" / lost), f"{remote}/store.zarr/volumes/{lost}", recursive=True)
+        fs.put(
+            str(local / "store.zarr" / zarr_store.group_path(lost)),
+            f"{remote}/store.zarr/{zarr_store.group_path(lost)}",
+            recursive=True,
+        )
 
 
 @pytest.mark.parametrize("cache", ["simplecache", "filecache"])

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from moto.server import ThreadedMotoServer
 
+from openmind_tools import zarr_store
 from openmind_tools.cli.common import EXIT_OK, EXIT_USAGE
 from openmind_tools.cli.manifest import EXIT_EMPTY, main
 from openmind_tools.errors import ConfigError
@@ -384,7 +385,7 @@ def test_cli_show_prints_every_column_and_the_store_locations(path: Path, rows: 
     out = capsys.readouterr().out
     row = rows.set_index("id").loc[T1_ID]
     assert f"checksum                  {row['checksum']}" in out
-    assert f"-> zarr_store             {path.parent.resolve()}/store.zarr [volumes/{T1_ID}]" in out
+    assert f"-> zarr_store             {path.parent.resolve()}/store.zarr [{zarr_store.group_path(T1_ID)}]" in out
     assert len(out.splitlines()) == len(rows.columns) + 2
 
 

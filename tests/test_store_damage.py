@@ -176,13 +176,13 @@ def test_the_loader_names_a_damaged_volume_and_skip_keeps_the_step_count(store: 
     assert victim not in {i for batch in skipped for i in batch["id"]}
 
 
-def test_an_older_store_without_checksums_is_refused_with_what_to_do(store: Path) -> None:
-    metadata = (
-        store / "store.zarr" / zarr_store.group_path(sorted(pd.read_parquet(store / "manifest.parquet")["id"])[0])
-    )
-    text = (metadata / "zarr.json").read_text().replace(f'"store_format": "{zarr_store.STORE_FORMAT}"', '"x": 1')
-    (metadata / "zarr.json").write_text(text)
-    with pytest.raises(StoreError, match="openmind-zarr/1.*convert the corpus again"):
+def test_an_older_store_is_refused_with_what_to_do(store: Path) -> None:
+    root = store / "store.zarr" / "zarr.json"
+    root.write_text(root.read_text().replace(zarr_store.STORE_FORMAT, "openmind-zarr/3"))
+    with pytest.raises(StoreError, match="store format openmind-zarr/3.*convert the corpus again"):
+        PatchDataset(store / "manifest.parquet", PATCH)
+    root.unlink()  # converter 0.4 and older wrote no root metadata
+    with pytest.raises(StoreError, match="no group metadata .*0.4 or older, which must be converted again"):
         PatchDataset(store / "manifest.parquet", PATCH)
 
 

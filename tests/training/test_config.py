@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from openmind_tools import zarr_store
 from training.cli import main
 from training.config import load_config
 
@@ -132,7 +133,7 @@ def test_a_stage_skips_unreadable_volumes_counts_them_and_stops_past_max_skipped
     shutil.copy(demo_out / "manifest.parquet", store / "manifest.parquet")
     rows = pd.read_parquet(store / "manifest.parquet")
     lost = rows["id"].iloc[3]
-    shutil.rmtree(store / "store.zarr" / "volumes" / lost)
+    shutil.rmtree(store / "store.zarr" / zarr_store.group_path(lost))
     m = json.dumps(str(store / "manifest.parquet"))
     steps = ["--stages.voco.max_steps=5", "--stages.mae.max_steps=0", "--stages.voco.num_workers=0",
              f"--stages.voco.manifest={m}", f"--stages.mae.manifest={m}", "--run.log_every=5"]  # fmt: skip
