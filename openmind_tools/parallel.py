@@ -10,12 +10,84 @@ ran beside it still succeed, and one that kills its worker alone becomes `on_err
 from __future__ import annotations
 
 import itertools
+import os
+import socket
+import struct
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from openmind_tools.errors import MachineError
+from openmind_tools.errors import ConfigError, MachineError
+
+HANDSHAKE_S = 10.0  # how long a --scheduler address may take to connect and greet
+
+
+@contextmanager
+def dask_client(workers: int, scheduler: str | None = None, memory_limit: str = "auto") -> Iterator[Any]:
+    """A Client of the scheduler at `scheduler`, or of a local cluster of `workers` single-threaded processes.
+
+    A scheduler address is probed first (`check_scheduler`): dask's own connect bounds the TCP connect but not the
+    handshake, so a port that accepts and never answers hung, and a web server there (the dashboard port by
+    mistake) had its reply read as a 3 EiB frame length.
+    """
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler:
+        check_scheduler(scheduler)
+        try:
+            client = Client(scheduler, timeout=f"{HANDSHAKE_S}s")
+        except (OSError, TimeoutError, ValueError) as e:
+            raise ConfigError(f"--scheduler {scheduler}: cannot connect ({e})") from None
+        with client:
+            yield client
+        return
+    environ = dict(os.environ)  # dask's nannies set OMP_NUM_THREADS=1 etc. in this process for their workers
+    try:
+        with (
+            LocalCluster(n_workers=workers, threads_per_worker=1, memory_limit=memory_limit, dashboard_address=None)
+            as cluster,
+            Client(cluster) as client,
+        ):  # fmt: skip
+            yield client
+    finally:  # ...which would leave every later subprocess (a trainer started from the same Python) on one thread
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)
+
+
+def check_scheduler(address: str, timeout: float | None = None) -> None:
+    """Refuse (ConfigError) an address where no dask scheduler answers within `timeout` s: a dask server greets a
+    new connection first, with an 8-byte frame length, then a small handshake message. tls:// and other protocols
+    are left to dask."""
+    timeout = HANDSHAKE_S if timeout is None else timeout
+    protocol, _, rest = address.rpartition("://")
+    if protocol not in ("", "tcp"):
+        return
+    host, _, port = rest.rpartition(":")
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise ConfigError(f"--scheduler {address}: expected tcp://HOST:PORT") from None
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", port_number), timeout=timeout) as conn:
+            greeting = b""
+            while len(greeting) < 8:
+                chunk = conn.recv(8 - len(greeting))
+                if not chunk:
+                    raise ConfigError(f"--scheduler {address}: the server closed the connection without the "
+                                      "greeting a dask scheduler sends: is it one?")  # fmt: skip
+                greeting += chunk
+    except TimeoutError:
+        raise ConfigError(f"--scheduler {address}: no dask scheduler answered within {timeout:g} s (the port "
+                          "accepts connections but sends nothing: is it a dask scheduler?)") from None  # fmt: skip
+    except OSError as e:
+        raise ConfigError(f"--scheduler {address}: cannot connect ({e.strerror or e})") from None
+    (length,) = struct.unpack("Q", greeting)
+    if not 0 < length < 1 << 20:
+        raise ConfigError(f"--scheduler {address}: the server there is not a dask scheduler (it sent "
+                          f"{greeting!r} where dask sends a message length)")  # fmt: skip
 
 
 def default_window(client: Any) -> int:

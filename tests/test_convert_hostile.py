@@ -3,11 +3,16 @@ FIFOs, a full disk, damaged stores healed by `verify --repair`, bad arguments.""
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +21,7 @@ import pytest
 import webdataset as wds
 from corpus_helpers import small_corpus
 
-from openmind_tools import zarr_store
+from openmind_tools import parallel, zarr_store
 from openmind_tools.cli.common import EXIT_MACHINE, EXIT_USAGE
 from openmind_tools.cli.convert import EXIT_FAILURES, main
 from openmind_tools.convert import convert
@@ -190,6 +195,57 @@ def test_bad_arguments_exit_2_naming_the_argument(demo_corpus: Path, tmp_path: P
         assert named in err and "Traceback" not in err, (argv, err)
         assert len([line for line in err.splitlines() if ": error:" in line]) == 1, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "no").exists()
+
+
+def _serve(greeting: bytes) -> tuple[socket.socket, list[socket.socket]]:
+    """A port that accepts connections, sends `greeting` and then nothing more."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn = server.accept()[0]
+            except OSError:
+                return
+            conn.sendall(greeting)
+            held.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server, held
+
+
+@pytest.fixture
+def http_port() -> Iterator[int]:
+    """A web server, as a dashboard port given by mistake is: it waits for a request."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_scheduler_address_that_never_answers_or_is_no_dask_is_exit_2_within_the_timeout(
+    demo_corpus: Path, tmp_path: Path, http_port: int, monkeypatch, capsys
+) -> None:
+    monkeypatch.setattr(parallel, "HANDSHAKE_S", 1.0)
+    silent, banner = _serve(b""), _serve(b"SSH-2.0-OpenSSH_9.2\r\n")
+    cases = [(silent[0].getsockname()[1], "no dask scheduler answered within 1 s"),
+             (http_port, "no dask scheduler answered within 1 s"),
+             (banner[0].getsockname()[1], "is not a dask scheduler")]  # fmt: skip
+    try:
+        for port, message in cases:
+            for argv in ([str(demo_corpus), str(tmp_path / "out")], ["verify", str(tmp_path)]):
+                start = time.monotonic()
+                assert main([*argv, "--scheduler", f"tcp://127.0.0.1:{port}", "--quiet"]) == EXIT_USAGE
+                assert time.monotonic() - start < 10
+                err = capsys.readouterr().err
+                assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        for server, held in (silent, banner):
+            server.close()
+            for conn in held:
+                conn.close()
 
 
 def test_a_stored_sample_that_is_a_folder_is_a_store_error(tmp_path: Path) -> None:

@@ -12,10 +12,8 @@ I/O error, too many open files, a lost dask worker): nothing is blamed on an inp
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import Any
 
 from openmind_tools import zarr_store
@@ -29,7 +27,6 @@ from openmind_tools.cli.common import (
     positive_int,
     run_command,
 )
-from openmind_tools.errors import ConfigError
 from openmind_tools.preprocess import PreprocessSettings
 
 EXIT_FAILURES = EXIT_DATA
@@ -131,34 +128,10 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_FAILURES if summary.failed else EXIT_OK
 
 
-@contextmanager
-def _client(args: argparse.Namespace) -> Iterator[Any]:
-    from dask.distributed import Client, LocalCluster
+def _client(args: argparse.Namespace) -> Any:
+    from openmind_tools.parallel import dask_client
 
-    if args.scheduler:
-        try:
-            client = Client(args.scheduler, timeout="10s")
-        except (OSError, TimeoutError, ValueError) as e:
-            raise ConfigError(f"--scheduler {args.scheduler}: cannot connect ({e})") from None
-        with client:
-            yield client
-        return
-    environ = dict(os.environ)  # dask's nannies set OMP_NUM_THREADS=1 etc. in this process for their workers
-    try:
-        with (
-            LocalCluster(
-                n_workers=args.workers,
-                threads_per_worker=1,
-                memory_limit=args.memory_limit,
-                dashboard_address=None,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            yield client
-    finally:  # ...which would leave every later subprocess (a trainer started from the same Python) on one thread
-        for key in set(os.environ) - set(environ):
-            del os.environ[key]
-        os.environ.update(environ)
+    return dask_client(args.workers, args.scheduler, args.memory_limit)
 
 
 def _verify_parser() -> argparse.ArgumentParser:
