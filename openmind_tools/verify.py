@@ -20,7 +20,7 @@ import fsspec
 from openmind_tools import wds_store, zarr_store
 from openmind_tools.errors import ConfigError
 from openmind_tools.files import file_problem
-from openmind_tools.manifest_io import MANIFEST, read_table
+from openmind_tools.manifest_io import ERRORS, MANIFEST, read_table
 from openmind_tools.parallel import run_tasks
 from openmind_tools.reads import Reader
 from openmind_tools.volume import VolumeRef
@@ -84,9 +84,25 @@ def _check_volume(row: tuple[str, str, str, tuple[int, int, int], str], out: str
     return [] if got == checksum else [Problem(volume_id, path, "zarr", f"checksum {got} != manifest {checksum}")]
 
 
-def repair(out: str | Path, problems: list[Problem], client: Any = None, progress: bool = True) -> Any:
-    """Delete what `problems` name and rerun the recorded conversion; returns its Summary."""
+@dataclass(frozen=True)
+class Repair:
+    summary: Any  # the rerun's convert.Summary
+    unrestored: list[str]  # what could not be restored, and why: its damaged copy is kept, its row too
+
+    def __str__(self) -> str:
+        return "\n".join([str(self.summary), *(f"not restored: {line}" for line in self.unrestored)])
+
+
+def repair(out: str | Path, problems: list[Problem], client: Any = None, progress: bool = True) -> Repair:
+    """Delete what `problems` name and rerun the recorded conversion; nothing is lost that cannot be rebuilt.
+
+    A damaged Zarr volume is rebuilt from its source, so one whose source is gone (or is no regular file) is left as
+    it is, damaged copy, intact tar sample and manifest row included, and named in `unrestored`; so is a shard
+    whose repacking needs such a volume. A volume that fails to convert again, or any row missing from the manifest
+    afterwards, is named too (its reason is in errors.parquet).
+    """
     from openmind_tools.convert import RUN_FILE, STAGING_DIR, ZARR_DIR, convert
+    from openmind_tools.corpus import discover
     from openmind_tools.preprocess import PreprocessSettings
 
     out = Path(out)
@@ -100,14 +116,36 @@ def repair(out: str | Path, problems: list[Problem], client: Any = None, progres
         ) from None
     codec = run.get("codec", zarr_store.DEFAULT_CODEC)  # the rerun must match the folder's codec, or it is refused
     zarr_root = out / (ZARR_DIR if "zarr" in run["formats"] else STAGING_DIR)
+    before, _ = read_table(out / MANIFEST)
+    sources = {image.id: image for image in discover(root).images}
+    unrestored, kept = [], set()
+    for volume_id in sorted({p.volume_id for p in problems if p.store == "zarr" and p.volume_id is not None}):
+        image = sources.get(volume_id)
+        why = "the corpus no longer lists it" if image is None else next(
+            (f"{path}: {problem}" for path in (image.image, image.anatomy_mask, image.deface_mask)
+             if path is not None and (problem := file_problem(path))), None)  # fmt: skip
+        if why:
+            unrestored.append(f"{volume_id}: its source cannot be read again ({why}); its damaged copy is kept")
+            kept.add(volume_id)
+    shard_of = dict(zip(before["id"], before["wds_shard"], strict=True)) if "wds_shard" in before else {}
     for problem in problems:
-        if problem.store == "zarr" and problem.volume_id is not None:
+        if problem.store == "zarr" and problem.volume_id is not None and problem.volume_id not in kept:
             zarr_store.delete_volume(zarr_root, problem.volume_id)
         elif problem.store == "wds":
-            problem.path.unlink(missing_ok=True)  # the rerun repacks it from the Zarr copy
-    return convert(root, out, settings=PreprocessSettings.from_dict(run["settings"]), formats=run["formats"],
-                   modalities=run["modalities"], limit=run["limit"], shard_bytes=run["shard_bytes"], client=client,
-                   progress=progress, codec=codec)  # fmt: skip
+            needs = sorted(v for v in kept if v in shard_of and out / shard_of[v] == problem.path)
+            if needs:
+                unrestored.append(f"{problem.path}: repacking it needs {needs[0]}, which cannot be rebuilt; kept as "
+                                  "it is")  # fmt: skip
+            else:
+                problem.path.unlink(missing_ok=True)  # the rerun repacks it from the Zarr copy
+    summary = convert(root, out, settings=PreprocessSettings.from_dict(run["settings"]), formats=run["formats"],
+                      modalities=run["modalities"], limit=run["limit"], shard_bytes=run["shard_bytes"], client=client,
+                      progress=progress, codec=codec)  # fmt: skip
+    after, _ = read_table(out / MANIFEST)
+    lost = sorted(set(before["id"]) - set(after["id"]))
+    unrestored += [f"{volume_id}: converting it again failed, so it left the manifest (the reason is in "
+                   f"{out / ERRORS})" for volume_id in lost]  # fmt: skip
+    return Repair(summary, sorted(dict.fromkeys(unrestored)))
 
 
 def _check_shard(job: tuple[str, list[dict[str, Any]]], out: str) -> list[Problem]:

@@ -169,6 +169,31 @@ def test_a_rerun_reconverts_deleted_samples_and_verify_repair_heals_damage(demo_
         assert len(tar.getnames()) == 3 * (before["wds_shard"] == first["wds_shard"]).sum()
 
 
+def test_repair_keeps_what_it_cannot_rebuild_and_exits_3_naming_it(demo_corpus: Path, tmp_path: Path, capsys) -> None:
+    corpus = tmp_path / "corpus"
+    shutil.copytree(demo_corpus, corpus)
+    out = tmp_path / "out"
+    convert(corpus, out, formats=("zarr", "wds"), limit=4, progress=False)
+    before = pd.read_parquet(out / "manifest.parquet")
+    victim = before.iloc[1]
+    chunk = out / "store.zarr" / victim["zarr_array"] / zarr_store.CHUNKS["image"]
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    (corpus / victim["source_path"]).unlink()  # its source is gone: the damaged volume cannot be rebuilt
+    assert main(["verify", str(out), "--repair", "--quiet"]) == EXIT_FAILURES
+    printed = capsys.readouterr().out
+    assert f"not restored: {victim['id']}: its source cannot be read again" in printed and "file not found" in printed
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), before)  # no row lost
+    assert [(p.volume_id, p.store) for p in verify(out, progress=False)] == [(victim["id"], "zarr")]  # tar intact
+
+    other = before.iloc[2]  # a source that is there but no longer converts: named, its reason in errors.parquet
+    chunk = out / "store.zarr" / other["zarr_array"] / zarr_store.CHUNKS["image"]
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    (corpus / other["source_path"]).write_bytes(b"not a nifti")
+    assert main(["verify", str(out), "--repair", "--quiet"]) == EXIT_FAILURES
+    assert f"not restored: {other['id']}: converting it again failed" in capsys.readouterr().out
+    assert list(pd.read_parquet(out / "errors.parquet")["id"]) == [other["id"]]
+
+
 def test_bad_arguments_exit_2_naming_the_argument(demo_corpus: Path, tmp_path: Path, capsys) -> None:
     from openmind_tools.cli.manifest import main as manifest_main
     from training.cli import main as train_main

@@ -140,7 +140,8 @@ def _verify_parser() -> argparse.ArgumentParser:
         description="Re-read every stored sample and check it against the manifest (shape, checksum). With "
         "--repair, delete what is damaged or missing and reconvert it with the settings and inputs the "
         "conversion recorded in OUT/.run.json.",
-        epilog="Exit status: 0 no problem (or all repaired), 2 bad arguments, 3 problems found (or left).",
+        epilog="Exit status: 0 no problem (or all repaired), 2 bad arguments, 3 problems found (or left, or a row that "
+        "could not be restored: its source is gone or fails to convert; its intact copies and row are kept).",
     )
     p.add_argument("out", type=existing_dir, help="a folder written by openmind-convert")
     p.add_argument("--repair", action="store_true", help="reconvert the damaged or missing samples, then verify again")
@@ -160,13 +161,16 @@ def _verify(args: argparse.Namespace) -> int:
         for problem in problems:
             print(problem)
         print(f"{len(problems)} problem(s) found in {args.out}")
+        unrestored: list[str] = []
         if problems and args.repair:
-            print(repair(args.out, problems, client=client, progress=not args.quiet))
+            result = repair(args.out, problems, client=client, progress=not args.quiet)
+            print(result)
+            unrestored = result.unrestored
             problems = verify(args.out, progress=not args.quiet, client=client)
             for problem in problems:
                 print(problem)
-            print(f"after repair: {len(problems)} problem(s) in {args.out}")
-    return EXIT_FAILURES if problems else EXIT_OK
+            print(f"after repair: {len(problems)} problem(s) in {args.out}, {len(unrestored)} not restored")
+    return EXIT_FAILURES if problems or unrestored else EXIT_OK
 
 
 def _demo_parser() -> argparse.ArgumentParser:
