@@ -56,6 +56,7 @@ STORES = {store.NAME: store for store in (zarr_store, wds_store)}
 ON_ERROR = ("raise", "skip")
 _BATCH_BUFFERS = 12  # host buffers kept for batches: the caller's, PatchLoader's two ahead, each image + masks
 STATE_FORMAT = "openmind-loader/2"  # 2: tar samples planned per volume like Zarr (no shard order, no shuffle buffer)
+MAX_PATCH_EDGE = 512  # voxels: the largest crop edge a loader accepts (see _patch_size)
 
 
 class PatchDataset(IterableDataset):
@@ -431,9 +432,11 @@ def _moved(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _patch_size(size: int | tuple[int, int, int]) -> tuple[int, int, int]:
+    """A patch edge at most MAX_PATCH_EDGE: a 512^3 crop is 256 MB in float16 (a whole 0.5 mm head); a typo such as
+    100000 would otherwise try to allocate petabytes."""
     sizes = (size,) * 3 if isinstance(size, int) else tuple(size)
-    if len(sizes) != 3 or any(int(s) != s or s < 1 for s in sizes):
-        raise ConfigError(f"patch_size: expected a positive int or three of them, got {size!r}")
+    if len(sizes) != 3 or any(int(s) != s or not 1 <= s <= MAX_PATCH_EDGE for s in sizes):
+        raise ConfigError(f"patch_size: expected a positive int up to {MAX_PATCH_EDGE} or three of them, got {size!r}")
     return tuple(int(s) for s in sizes)
 
 

@@ -369,6 +369,7 @@ def _column(df: pd.DataFrame, column: str, option: str) -> pd.Series:
     return df[column]
 
 
+_WHERE_CHARS = 4096  # longest --where condition read (a real one is under 200)
 # Read-only Series methods a condition may call (a preset or recipe is data: it must not write files)
 _CALLS = frozenset(
     {"isin", "between", "isna", "notna", "contains", "startswith", "endswith", "match", "lower", "upper"}
@@ -382,10 +383,14 @@ def _where(df: pd.DataFrame, expr: str) -> pd.Series:
     and so is any call but a few read-only Series methods (`id.to_csv(...)` would write a file).
     """
     columns = f"columns: {', '.join(df.columns)}"
+    if len(expr) > _WHERE_CHARS:  # the parsers recurse per nesting level: 20,000 `not`s exhaust their memory
+        raise ConfigError(f"where: a condition of {len(expr)} characters; at most {_WHERE_CHARS} are read")
     try:
         tree = ast.parse(re.sub(r"`[^`]*`", "column", expr), mode="eval")
     except SyntaxError as e:
         raise ConfigError(f"where {expr!r}: invalid expression ({e.msg}); {columns}") from None
+    except (MemoryError, RecursionError):
+        raise ConfigError(f"where: the condition nests too deeply ({len(expr)} characters)") from None
     for node in ast.walk(tree):
         name = getattr(node, "attr", None) or getattr(node, "id", "")
         if name.startswith("_"):

@@ -19,6 +19,7 @@ from typing import Any
 
 from openmind_tools.augment import AugmentSettings
 from openmind_tools.errors import ConfigError
+from openmind_tools.loader import MAX_PATCH_EDGE
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,10 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         where = f"stages.{self.name}"
-        check_ranges(where, self, epochs=(1, None), max_steps=(0, None), batch_size=(1, None), patch_size=(1, None),
-                  out_size=(1, None), crops_per_volume=(1, None), num_workers=(0, None), lr=(0, None, "open"),
-                  weight_decay=(0, None), warmup_steps=(0, None), grad_clip=(0, None, "open"),
+        check_ranges(where, self, epochs=(1, None), max_steps=(0, None), batch_size=(1, None),
+                  patch_size=(1, MAX_PATCH_EDGE), out_size=(1, None), crops_per_volume=(1, None),
+                  num_workers=(0, None), lr=(0, None, "open"), weight_decay=(0, None), warmup_steps=(0, None),
+                  grad_clip=(0, None, "open"),
                   foreground_bias=(0, 1), max_skipped=(0, 1))  # fmt: skip
         for key, allowed in (("store", ("zarr", "wds")), ("on_error", ("raise", "skip"))):
             if getattr(self, key) not in allowed:
@@ -109,8 +111,13 @@ _TABLES = ("options", "augment")  # stage keys that hold a table of their own
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Recipe file first, then `--run.key=value` / `--stages.NAME.key=value` overrides."""
-    with Path(path).open("rb") as f:
-        raw = tomllib.load(f)
+    try:
+        with Path(path).open("rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"recipe {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe {path}: not valid TOML ({e})") from None
     unknown = set(raw) - {"run", "stages"}
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; expected [run] and [[stages]]")

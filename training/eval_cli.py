@@ -4,14 +4,14 @@ openmind-eval probe runs/NAME --manifest "mae8 of out/manifest.parquet" --target
 openmind-eval probe encoder.pt --manifest out/manifest.parquet --target health_status -o probe_out/
 
 Exit status: 0 done, 2 bad arguments (or an encoder, manifest or target that cannot be used),
-3 a store could not be read.
+3 a volume could not be read (the tables are still written from the others, and the volume is named).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from openmind_tools.cli.common import EXIT_OK, positive_int, run_command
+from openmind_tools.cli.common import EXIT_DATA, EXIT_OK, output_dir, positive_int, run_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
         "(dataset/subject). Categorical targets: logistic regression, balanced accuracy and macro AUC; "
         "continuous: ridge, MAE and R^2; each beside the majority-class / mean baseline. Writes probe.csv, "
         "probe.json and probe.png and prints the table.",
+        epilog="Exit status: 0 done, 2 bad arguments or an unusable encoder, manifest or target, 3 some volume could "
+        "not be read (left out and named; the tables are written from the others).",
     )
     q.add_argument("encoder", help="an export (*_encoder.pt, nnssl adaptation-plan format) or a run folder")
     q.add_argument(
@@ -47,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated manifest columns, e.g. sex,age,modality; COLUMN:categorical or "
         "COLUMN:continuous overrides the kind (default: numbers are continuous)",
     )
-    q.add_argument("-o", "--output", help="output folder (default: <export name>_probe/ beside the export)")
+    q.add_argument(
+        "-o", "--output", type=output_dir, help="output folder (default: <export name>_probe/ beside the export)"
+    )
     q.add_argument("--stage", help="a run folder's stage to probe (default: its last)")
     q.add_argument("--store", choices=("zarr", "wds"), default="zarr", help="which store to read (default zarr)")
     q.add_argument(
@@ -97,7 +101,7 @@ def _probe(args: argparse.Namespace) -> int:
     for target, reasons in report.left_out["rows"].items():
         for reason, count in reasons.items():
             print(f"{target}: {count} volume(s) left out ({reason})")
-    if unreadable:
-        print(f"{len(unreadable)} volume(s) could not be read and were left out, e.g. {unreadable[0]}")
+    for reason in unreadable:
+        print(f"left out, unreadable: {reason}")
     print(f"wrote {report.out}/probe.csv, probe.json, probe.png")
-    return EXIT_OK
+    return EXIT_DATA if unreadable else EXIT_OK

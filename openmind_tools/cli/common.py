@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from openmind_tools.errors import ConfigError, MachineError, StoreError
+from openmind_tools.files import machine_error
 
 EXIT_OK, EXIT_USAGE, EXIT_DATA, EXIT_MACHINE = 0, 2, 3, 4
 
@@ -37,6 +38,14 @@ def run_command(prog: str, parse: Callable[[], argparse.Namespace], body: Callab
     except BrokenPipeError:  # `... | head` closed stdout: stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except OSError as e:  # a path the user named that cannot be made or read (a file where a folder should be, a
+        # name longer than the file system allows, no permission): one line, never a traceback
+        if (machine := machine_error(e, prog)) is not None:
+            print(f"{prog}: {machine}", file=sys.stderr)
+            return EXIT_MACHINE
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def positive_int(text: str) -> int:
@@ -78,6 +87,19 @@ def existing_parent(text: str) -> str:
     parent = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(parent):
         raise argparse.ArgumentTypeError(f"the folder {parent} does not exist")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """A folder to write into: absent (it is made) or a folder, never a file, and a name the file system takes."""
+    try:
+        if not os.path.isdir(text) and os.path.lexists(text):
+            raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+        os.stat(text)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # ENAMETOOLONG, ENOTDIR (a file on the way), EACCES
+        raise argparse.ArgumentTypeError(f"{text}: {e.strerror}") from None
     return text
 
 

@@ -23,6 +23,7 @@ from openmind_tools.cli.common import (
     byte_size,
     existing_dir,
     non_negative_int,
+    output_dir,
     positive_float,
     positive_int,
     run_command,
@@ -51,7 +52,7 @@ def _convert_parser() -> argparse.ArgumentParser:
         "4 the machine failed (disk full, I/O error): fix it and rerun the same command.",
     )
     p.add_argument("root", help="corpus root: the folder holding openneuro_metadata.csv and OpenMind/")
-    p.add_argument("out", help="output folder (created); rerunning into it resumes")
+    p.add_argument("out", type=output_dir, help="output folder (created); rerunning into it resumes")
     p.add_argument("--format", default="zarr,wds", help="comma-separated stores to write: zarr, wds (default both)")
     p.add_argument(
         "--workers", type=non_negative_int, default=2, help="local dask worker processes (0 = run in this process)"
@@ -179,7 +180,7 @@ def _demo_parser() -> argparse.ArgumentParser:
         description="Write a small OpenMind-shaped corpus (19 images, 3 datasets, 13 modalities) built from "
         "the MNI152 template nilearn ships and a nibabel test image.",
     )
-    p.add_argument("dir", help="folder to write (openneuro_metadata.csv + OpenMind/)")
+    p.add_argument("dir", type=output_dir, help="folder to write (openneuro_metadata.csv + OpenMind/)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic variation")
     return p
 

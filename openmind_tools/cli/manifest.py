@@ -18,6 +18,7 @@ import sys
 import warnings
 from dataclasses import fields
 from operator import methodcaller
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
 
     s = commands.add_parser("stats", help="volumes and bytes per modality and dataset, quality and age histograms")
     s.add_argument("manifest", help=_SOURCE_HELP)
-    s.add_argument("--plot", metavar="PNG", help="also draw the summary as a figure into this PNG file")
+    s.add_argument("--plot", metavar="PNG", type=_figure_path,
+                   help="also draw the summary as a figure into this file (.png unless it names another format: "
+                        ".pdf, .svg); a folder gets manifest_stats.png")  # fmt: skip
     s.add_argument(
         "--balance-by",
         type=column_list,
@@ -135,6 +138,19 @@ def _stats(args: argparse.Namespace) -> int:
         plot_stats(summary, args.plot, title=args.manifest)
         print(f"figure: {args.plot}")
     return EXIT_OK
+
+
+def _figure_path(text: str) -> str:
+    """Where the figure goes, as the file it will be: matplotlib would add .png to a name without a suffix, and
+    write `folder.png` beside a folder."""
+    path = Path(text)
+    if path.is_dir():
+        path = path / "manifest_stats.png"
+    elif not path.suffix:
+        path = path.with_name(path.name + ".png")
+    elif path.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise argparse.ArgumentTypeError(f"{text}: expected a .png, .pdf or .svg file or a folder")
+    return existing_parent(str(path))
 
 
 def _query(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import training.embed
+from openmind_tools import zarr_store
 from openmind_tools.loader import PatchDataset
 from training.embed import CropPlan, embed, load_encoder
 from training.eval_cli import main
@@ -170,6 +172,22 @@ def test_a_run_folder_probes_its_last_stage_export(demo_out: Path, export: Path,
     assert (run / "voco_encoder_probe" / "probe.json").is_file()
 
 
+def test_an_unreadable_volume_is_left_out_named_and_exit_3(
+    demo_out: Path, export: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    shutil.copytree(demo_out / "store.zarr", tmp_path / "store.zarr")
+    shutil.copy(demo_out / "manifest.parquet", tmp_path / "manifest.parquet")
+    victim = pd.read_parquet(tmp_path / "manifest.parquet").iloc[4]
+    chunk = tmp_path / "store.zarr" / victim["zarr_array"] / zarr_store.CHUNKS["image"]
+    chunk.write_bytes(chunk.read_bytes()[:200])
+    argv = ["probe", str(export), "--manifest", str(tmp_path / "manifest.parquet"), "--target", "sex", "--store",
+            "zarr", "--cache", str(tmp_path / "cache"), "-o", str(tmp_path / "probe"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 3
+    printed = capsys.readouterr().out
+    assert f"left out, unreadable: volume {victim['id']}" in printed
+    assert (tmp_path / "probe" / "probe.csv").is_file()
+
+
 def test_bad_arguments_exit_2_with_one_line(
     demo_out: Path, export: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -195,6 +213,8 @@ def test_bad_arguments_exit_2_with_one_line(
         ("probe", str(export), "--manifest", m, "--target", "sex", "--device", "banana"): "--device",
         ("probe", str(export), "--manifest", m, "--target", "sex", "--crops", "4"): "invalid choice",
         ("probe", str(export), "--manifest", m, "--target", "sex", "--folds", "0"): "positive integer",
+        ("probe", str(export), "--manifest", m, "--target", "sex", "--patch-size", "100000"): "up to 512",
+        ("probe", str(export), "--manifest", m, "--target", "sex", "-o", str(junk)): "is a file, not a folder",
     }
     for argv, message in cases.items():
         assert main(list(argv)) == 2, argv
