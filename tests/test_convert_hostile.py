@@ -3,6 +3,7 @@ FIFOs, a full disk, damaged stores healed by `verify --repair`, bad arguments.""
 
 from __future__ import annotations
 
+import errno
 import http.server
 import os
 import shutil
@@ -199,6 +200,7 @@ def test_bad_arguments_exit_2_naming_the_argument(demo_corpus: Path, tmp_path: P
     from training.cli import main as train_main
 
     out = str(tmp_path / "out")
+    (tmp_path / "afile").write_bytes(b"\x00 not a folder, nor a recipe")
     cases = [
         (main, [str(demo_corpus), out, "--workers", "-1"], "--workers"),
         (main, [str(demo_corpus), out, "--limit", "-1"], "--limit"),
@@ -208,6 +210,11 @@ def test_bad_arguments_exit_2_naming_the_argument(demo_corpus: Path, tmp_path: P
         (main, [str(demo_corpus), out, "--spacing", "nan"], "--spacing"),
         (main, ["verify", str(tmp_path / "missing")], "is not a folder"),
         (main, [str(demo_corpus), out, "--scheduler", "tcp://127.0.0.1:1"], "cannot connect"),
+        (main, [str(demo_corpus), str(tmp_path / "afile")], "is a file, not a folder"),
+        (main, [str(demo_corpus), str(tmp_path / ("x" * 300))], "File name too long"),
+        (main, ["demo-data", str(tmp_path / "afile" / "sub")], "Not a directory"),
+        (train_main, [str(tmp_path / "missing.toml")], "recipe"),
+        (train_main, [str(tmp_path / "afile")], "not valid TOML"),
         (manifest_main, ["query", str(tmp_path / "m.parquet"), "-o", str(tmp_path / "no" / "q.parquet")],
          "does not exist"),
         (train_main, ["export", str(tmp_path / "missing"), "-o", str(tmp_path / "e.pt")], "is not a folder"),
@@ -292,3 +299,21 @@ def test_a_local_dask_cluster_leaves_the_environment_as_it_found_it(tmp_path: Pa
     before = dict(os.environ)
     assert main([str(root), str(tmp_path / "out"), "--workers", "1", "--quiet"]) == 0
     assert dict(os.environ) == before  # dask's nannies set OMP_NUM_THREADS=1 here while the cluster ran
+
+
+def test_any_other_os_error_of_a_command_is_one_line_exit_2_or_4_for_the_machine(capsys) -> None:
+    from openmind_tools.cli.common import run_command
+
+    def fail(error: OSError):
+        def body(_):
+            raise error
+
+        return body
+
+    cases = [(OSError(errno.ENAMETOOLONG, "File name too long", "runs/" + "y" * 300), EXIT_USAGE, "too long"),
+             (PermissionError(errno.EACCES, "Permission denied", "/root/x"), EXIT_USAGE, "/root/x: Permission denied"),
+             (OSError(errno.ENOSPC, "No space left on device", "out/x"), EXIT_MACHINE, "free space")]  # fmt: skip
+    for error, code, message in cases:
+        assert run_command("openmind-x", lambda: None, fail(error)) == code
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1

@@ -365,6 +365,26 @@ def test_cli_stats_prints_counts_and_draws_a_png(path: Path, rows: pd.DataFrame,
     assert (width, height) == (1540, 1100)
 
 
+def test_cli_stats_plot_writes_the_file_it_prints(path: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "figures"
+    folder.mkdir()
+    for given, written in ((tmp_path / "stats", tmp_path / "stats.png"), (folder, folder / "manifest_stats.png"),
+                           (tmp_path / "s.svg", tmp_path / "s.svg")):  # fmt: skip
+        assert main(["stats", str(path), "--plot", str(given)]) == EXIT_OK
+        assert f"figure: {written}\n" in capsys.readouterr().out and written.stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures", "s.svg", "stats.png"]  # nothing beside
+    for bad, message in ((tmp_path / "no" / "x.png", "does not exist"), (tmp_path / "x.jpg", ".png, .pdf or .svg")):
+        assert main(["stats", str(path), "--plot", str(bad)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_where_too_long_or_nested_too_deep_is_one_config_error(path: Path, capsys) -> None:
+    for where, message in (("not " * 20_000 + "age > 3", "at most 4096"), ("not " * 1000 + "age > 3", "where")):
+        assert main(["query", str(path), "--where", where]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_stats_balance_by_shows_each_groups_share_before_and_after(path: Path, rows: pd.DataFrame,
                                                                        capsys) -> None:  # fmt: skip
     assert main(["stats", str(path), "--balance-by", "dataset,modality"]) == EXIT_OK
