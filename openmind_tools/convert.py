@@ -29,7 +29,7 @@ import SimpleITK as sitk
 from openmind_tools import __version__, wds_store, zarr_store
 from openmind_tools.corpus import Corpus, Rejected, SourceImage, discover
 from openmind_tools.errors import ConfigError, InputError, MachineError
-from openmind_tools.files import atomic_write_text, machine_error
+from openmind_tools.files import atomic_write_text, machine_error, remove_stale_temporaries
 from openmind_tools.manifest_io import ERRORS, MANIFEST, write_table
 from openmind_tools.parallel import run_tasks
 from openmind_tools.preprocess import PreprocessSettings, preprocess
@@ -121,6 +121,8 @@ def _convert_locked(
     _claim(out, settings, formats, run)
     zarr_root = out / (ZARR_DIR if "zarr" in formats else STAGING_DIR)
     zarr_store.clean_partial(zarr_root)
+    for folder in (out, out / "shards"):  # a tar shard a kill cut off left up to --shard-size under a temporary name
+        remove_stale_temporaries(folder)
 
     journal = _read_journal(out / JOURNAL)
     done = {i: r for i, r in journal.volumes.items() if not retry_errors or r["status"] == "ok"}

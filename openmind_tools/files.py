@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from typing import BinaryIO
 
 from openmind_tools.errors import MachineError
 
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[0-9a-f]{8}\.tmp")  # atomic_write's temporary names
 # errno -> what the user should do: failures of the machine, never of the input being converted
 _MACHINE = {
     errno.ENOSPC: "the disk is full: free space",
@@ -38,6 +41,7 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     Opened with plain `open`, so the result gets the usual umask permissions (mkstemp would give 0600).
     """
     path = Path(path)
+    remove_stale_temporaries(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as f:
@@ -49,6 +53,31 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         with contextlib.suppress(OSError):  # e.g. a read-only file system, where the file was never made
             tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: str | Path, name: str = "*") -> list[Path]:
+    """Delete the temporary files `atomic_write` left in `folder` (for target `name`, or all) when its process was
+    killed (kill -9, OOM, power): a checkpoint's is GBs. A temporary whose process still runs is left alone, so a
+    write in flight on this machine is never touched. Returns what was removed."""
+    removed = []
+    for tmp in Path(folder).glob(f".{name if name == '*' else glob.escape(name)}.*.tmp"):
+        match = _TEMPORARY.fullmatch(tmp.name)
+        if match is None or _alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except PermissionError:  # another user's process
+        return True
+    except (ProcessLookupError, OverflowError):
+        return False
+    return pid > 0
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

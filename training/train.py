@@ -15,7 +15,6 @@ import fcntl
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 
 from openmind_tools.augment import AugmentSettings, GPUAugment
 from openmind_tools.errors import ConfigError, StoreError
-from openmind_tools.files import atomic_write, atomic_write_text
+from openmind_tools.files import atomic_write, atomic_write_text, remove_stale_temporaries
 from openmind_tools.loader import PatchDataset, make_loader, typed_metadata
 from openmind_tools.manifest import EmptyResultWarning, balance_groups, resolve_manifest, write_manifest
 from training.config import RunConfig, StageConfig
@@ -72,6 +71,8 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
 
 
 def _train_locked(cfg, resume, overwrite, ddp, device, rank, world, master, out, selections) -> None:
+    if master:
+        remove_stale_temporaries(out)  # a checkpoint write killed half-way left GBs under a temporary name
     if not resume and master and _holds_run(out):
         if not overwrite:
             raise ConfigError(f"{out} holds a run: --resume {out} continues it, --overwrite starts afresh (deleting "
@@ -117,13 +118,22 @@ def _holds_run(out: Path) -> bool:
 
 
 def _delete_run(out: Path, stages: list[str]) -> None:
-    """--overwrite: remove what an earlier run wrote, so no old log row or weight survives into the new run."""
-    names = {"config.json", CHECKPOINT} | {p.name for p in out.glob("*_log.csv")}
+    """--overwrite: remove what the earlier run wrote, so no old log row or weight survives into the new run, and
+    nothing else: its config.json records its stages, which name its files (`stages` is the fallback when that is
+    gone). A user's own files in the folder, other CSVs and TensorBoard runs included, stay."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        stages = [stage["name"] for stage in json.loads((out / "config.json").read_text())["stages"]]
+    names = ["config.json", CHECKPOINT]
     for stage in stages:
-        names |= {f"{stage}_{suffix}" for suffix in ("final.pt", "encoder.pt", "loss.png", "manifest.parquet")}
+        names += [f"{stage}_{suffix}" for suffix in ("final.pt", "encoder.pt", "loss.png", "manifest.parquet",
+                                                     "log.csv")]  # fmt: skip
+        board = out / "tensorboard" / stage
+        names += [str(p.relative_to(out)) for p in board.glob("events.out.tfevents.*")] if board.is_dir() else []
     for name in names:
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "tensorboard", ignore_errors=True)
+    for folder in [out / "tensorboard" / stage for stage in stages] + [out / "tensorboard"]:
+        with contextlib.suppress(OSError):  # only if now empty
+            folder.rmdir()
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -114,9 +115,17 @@ def test_one_training_per_run_folder(demo_out: Path, tmp_path: Path, capsys) -> 
     assert main(_args(demo_out, run, *short)) == 2  # a folder that holds a run
     err = capsys.readouterr().err
     assert "holds a run" in err and "--resume" in err and "--overwrite" in err
+    stale = run / f".checkpoint.pt.{first.pid}.0123abcd.tmp"  # what a kill -9 mid-checkpoint leaves (pid dead)
+    live = run / f".checkpoint.pt.{os.getpid()}.0123abcd.tmp"  # a write in flight: left alone
+    mine = [run / "notes_log.csv", run / "tensorboard" / "mine" / "events.out.tfevents.1.x", run / "notes.txt"]
+    for path in [stale, live, *mine]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
     assert main(_args(demo_out, run, *short, "--overwrite")) == 0
     capsys.readouterr()
     assert list(pd.read_csv(run / "voco_log.csv")["step"]) == [2]  # no row of the killed run survives
+    assert not stale.exists() and live.exists() and all(p.exists() for p in mine)  # only the run's own files went
+    live.unlink()
     before = _snapshot(run)
     assert main([*_args(demo_out, run, *short, "--stages.voco.lr=0.5"), "--resume", str(run)]) == 2
     assert "these differ" in capsys.readouterr().err
