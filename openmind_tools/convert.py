@@ -41,18 +41,20 @@ _SAMPLE_JSON = ("id", "affine", "spacing", "settings_hash")  # manifest fields c
 
 @dataclass(frozen=True)
 class Summary:
-    converted: int
-    failed: int
-    skipped: int  # already in the journal from an earlier run
+    converted: int  # volumes in the manifest, whichever run converted them
+    failed: int  # rows of errors.parquet
+    skipped: int  # already in the journal from an earlier run (converted or failed)
+    attempted: int  # volumes this run converted or tried to
     source_bytes: int
     stored_bytes: dict[str, int]  # per store: zarr, wds
     seconds: float
     out: Path
 
     def __str__(self) -> str:
-        rate = (self.converted + self.failed - self.skipped) / max(self.seconds, 1e-9)
+        rate = self.attempted / max(self.seconds, 1e-9)
         text = (
-            f"{self.converted} converted, {self.failed} failed, {self.skipped} already done; "
+            f"{self.converted} volumes in the manifest, {self.failed} failed; this run tried {self.attempted}, "
+            f"{self.skipped} were done before; "
             f"{self.source_bytes / 1e6:.1f} MB of NIfTI in -> "
             + ", ".join(
                 f"{k} {n / 1e6:.1f} MB ({n / max(self.source_bytes, 1):.2f}x)" for k, n in self.stored_bytes.items()
@@ -155,6 +157,7 @@ def _convert_locked(
         converted=len(manifest),
         failed=len(errors),
         skipped=len(corpus.images) - len(todo),
+        attempted=len(todo),
         source_bytes=int(manifest["source_nbytes"].sum()) if len(manifest) else 0,
         stored_bytes=stored,
         seconds=time.perf_counter() - start,

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from openmind_tools import wds_store, zarr_store
 from openmind_tools.batch_memory import HandBack, fresh_memory, pooled_memory, pooled_tensor
 from openmind_tools.buffers import BufferPool
-from openmind_tools.errors import ConfigError, StoreError
+from openmind_tools.errors import ConfigError, OpenMindError, StoreError
 from openmind_tools.loader_stages import (
     balanced,
     batches,
@@ -330,8 +330,11 @@ class PatchLoader:
                 yield ready
                 start = perf_counter()
                 pending = upcoming
-        except Exception:
+        except OpenMindError as e:  # from a worker, torch re-raises it with the worker's traceback as its message
             self.close()  # a worker failed: stop them all now, not seconds later when garbage-collected
+            raise type(e)(_worker_message(e)) from None
+        except Exception:
+            self.close()
             raise
         self._epoch, self._done = epoch + 1, 0
 
@@ -429,6 +432,17 @@ def _moved(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The batch's tensors (and those of its metadata dict) copied to `device` without blocking."""
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else _moved(v, device) if isinstance(v, dict)
                 else v) for k, v in batch.items()}  # fmt: skip
+
+
+def _worker_message(error: Exception) -> str:
+    """The message a DataLoader worker's error was raised with, without the traceback torch wraps around it
+    ("Caught StoreError in DataLoader worker process 0. Original Traceback ...: openmind_tools.errors.StoreError:
+    volume ...")."""
+    text = str(error)
+    marker = f"{type(error).__module__}.{type(error).__qualname__}: "
+    if text.startswith("Caught ") and marker in text:
+        return text[text.rindex(marker) + len(marker) :].strip()
+    return text
 
 
 def _patch_size(size: int | tuple[int, int, int]) -> tuple[int, int, int]:

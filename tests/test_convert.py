@@ -213,6 +213,8 @@ def test_rerunning_a_finished_conversion_does_nothing(demo_corpus: Path, tmp_pat
     second = convert(demo_corpus, out, limit=3, progress=False)
     assert (first.converted, second.converted, second.skipped) == (3, 3, 3)
     assert chunk.stat().st_mtime_ns == mtime
+    third = convert(demo_corpus, out, limit=5, progress=False)  # its summary adds up to the volumes it names
+    assert str(third).startswith("5 volumes in the manifest, 0 failed; this run tried 2, 3 were done before;")
 
 
 def test_other_settings_into_the_same_folder_are_refused(demo_corpus: Path, tmp_path: Path) -> None:
