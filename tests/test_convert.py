@@ -293,7 +293,7 @@ def test_existing_dask_cluster_with_two_workers_matches_a_serial_run(
         argv = [str(demo_corpus), str(tmp_path / "out"), "--scheduler", cluster.scheduler_address, "--limit", "6"]
         assert main([*argv, "--quiet"]) == 0
         tasks = client.run(lambda dask_worker: len(dask_worker.data) + dask_worker.state.executed_count)
-    assert "6 converted" in capsys.readouterr().out
+    assert "6 volumes in the manifest, 0 failed; this run tried 6," in capsys.readouterr().out
     assert len(tasks) == 2 and all(n > 0 for n in tasks.values())  # both workers ran conversions
     parallel = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("id")
     serial = pd.read_parquet(demo_out / "manifest.parquet").set_index("id").loc[parallel.index]
