@@ -74,6 +74,7 @@ class PreprocessSettings:
 class Preprocessed:
     volume: Volume
     meta: dict[str, Any]
+    label: np.ndarray | None = None  # (X, Y, Z) uint8 class map on the volume's grid, when a label map was given
 
 
 def preprocess(
@@ -81,8 +82,13 @@ def preprocess(
     anatomy_path: str | Path | None = None,
     deface_path: str | Path | None = None,
     settings: PreprocessSettings = PreprocessSettings(),
+    label_path: str | Path | None = None,
 ) -> Preprocessed:
-    """Preprocess one image; raises InputError (naming the file) for anything that cannot be converted."""
+    """Preprocess one image; raises InputError (naming the file) for anything that cannot be converted.
+
+    `label_path` names a segmentation (integer classes 0-255 on the image's grid) that is resampled by nearest
+    neighbour and cropped exactly as the masks are: a fine-tuning target on the stored volume's voxels.
+    """
     img = load_nifti(image_path, settings.volume_index)
     data = img.get_fdata(dtype=np.float32)
     shape, src_affine, zooms, src_dtype = img.shape[:3], img.affine, img.header.get_zooms()[:3], img.get_data_dtype()
@@ -93,6 +99,7 @@ def preprocess(
         for name, path in (("anatomy", anatomy_path), ("deface", deface_path))
         if path is not None
     }
+    label = None if label_path is None else _load_label(label_path, shape, src_affine, image_path)
 
     ornt = nib.orientations.io_orientation(src_affine)  # to the closest RAS axes, as nibabel's canonical
     ras_affine = src_affine @ nib.orientations.inv_ornt_aff(ornt, shape)
@@ -117,6 +124,8 @@ def preprocess(
     box = _bbox(foreground(image, code), image.shape)
     crop = tuple(slice(lo, hi) for lo, hi in box)
     image, code = image[crop], code[crop]
+    if label is not None:
+        label = _nearest(nib.orientations.apply_orientation(label, ornt), ras_affine, settings.spacing, region)[crop]
     affine[:3, 3] += affine[:3, :3] @ np.array([lo for lo, _ in box], dtype=np.float64)
     box = [(r0 + lo, r0 + hi) for (r0, _), (lo, hi) in zip(region, box, strict=True)]
     code = np.ascontiguousarray(code)
@@ -141,7 +150,7 @@ def preprocess(
         "anatomy_fraction": float(anatomy.mean()),
         "deface_fraction": float(deface.mean()),
     }
-    return Preprocessed(Volume(image, code), meta)
+    return Preprocessed(Volume(image, code), meta, None if label is None else np.ascontiguousarray(label))
 
 
 def load_nifti(path: str | Path, volume_index: int | None = None) -> nib.Nifti1Image:
@@ -192,12 +201,28 @@ def _to_3d(img: nib.Nifti1Image, path: Path, volume_index: int | None) -> nib.Ni
     return img.slicer[..., volume_index]
 
 
+def _load_aligned(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, image_path: str | Path,
+                  what: str) -> nib.Nifti1Image:  # fmt: skip
+    """A mask or label map, refused unless it lies on its image's grid."""
+    img = load_nifti(path)
+    if img.shape != shape:
+        raise InputError(f"{path}: {what} shape {img.shape} differs from image {image_path} shape {shape}")
+    if not np.allclose(img.affine, affine, atol=_AFFINE_TOL):
+        raise InputError(f"{path}: {what} affine differs from that of image {image_path}")
+    return img
+
+
+def _load_label(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, image_path: str | Path) -> np.ndarray:
+    values = _load_aligned(path, shape, affine, image_path, "label map").get_fdata(dtype=np.float32)
+    _check_values(values, path, allow_constant=True)
+    if values.min() < 0 or values.max() > 255 or not np.array_equal(values, np.round(values)):
+        raise InputError(f"{path}: a label map holds whole classes 0-255, found values in [{values.min()}, "
+                         f"{values.max()}]")  # fmt: skip
+    return values.astype(np.uint8)
+
+
 def _load_mask(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, image_path: str | Path) -> np.ndarray:
-    mask = load_nifti(path)
-    if mask.shape != shape:
-        raise InputError(f"{path}: mask shape {mask.shape} differs from image {image_path} shape {shape}")
-    if not np.allclose(mask.affine, affine, atol=_AFFINE_TOL):
-        raise InputError(f"{path}: mask affine differs from that of image {image_path}")
+    mask = _load_aligned(path, shape, affine, image_path, "mask")
     proxy = mask.dataobj
     if nib.is_proxy(proxy) and np.issubdtype(proxy.dtype, np.integer) and proxy.slope == 1 and proxy.inter == 0:
         return (proxy.get_unscaled() > 0).view(np.uint8)  # integer labels: no float copy of the whole mask

@@ -112,7 +112,7 @@ def _encoder(net: ResidualEncoderUNet, plan: dict[str, Any], source: str) -> Enc
     if patch < 1 or stride < 1:
         raise ValueError(f"patch size {patch} and total stride {stride} must be positive")
     digest = hashlib.sha256(json.dumps(plan["architecture_plans"], sort_keys=True, default=str).encode())
-    digest.update(_weights_checksum(net).encode())
+    digest.update(module_checksum(net.encoder).encode())
     return Encoder(net, plan, source, digest.hexdigest(), patch, stride)
 
 
@@ -203,9 +203,10 @@ def _run_export(run: Path, stage: str | None) -> Path:
     return export
 
 
-def _weights_checksum(net: ResidualEncoderUNet) -> str:
+def module_checksum(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state (names and bytes): which weights an embedding or a fine-tuning run started from."""
     digest = hashlib.sha256()
-    for key, value in sorted(net.encoder.state_dict().items()):
+    for key, value in sorted(module.state_dict().items()):
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

@@ -23,6 +23,7 @@ from openmind_tools.errors import ConfigError
 from openmind_tools.loader import PatchDataset
 from openmind_tools.manifest import resolve_manifest
 from training.embed import CropPlan, Embeddings, Encoder, embed, load_encoder
+from training.finetune import FinetuneReport
 from training.probe import BASELINE, KINDS, METRICS, ProbeResult, probe, subject_groups
 
 PREDICTORS = ("pretrained", "random", BASELINE)
@@ -219,3 +220,39 @@ def _plot(table: pd.DataFrame, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def finetune_command(args: Any) -> FinetuneReport:
+    """`openmind-eval finetune`: the task its arguments name, checked before any training, then `finetune`."""
+    from openmind_tools.nnunet_dataset import read_dataset
+    from openmind_tools.preprocess import PreprocessSettings
+    from training.classification import ClassificationTask
+    from training.finetune import FinetuneSettings, finetune
+    from training.segmentation import SegmentationTask
+
+    settings = FinetuneSettings(shots=args.shots, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
+                                patch_size=args.patch_size, lr=args.lr)  # fmt: skip
+    if args.dataset and (args.target or args.bins):
+        raise ConfigError("--target and --bins choose a classification target: use them with --manifest")
+    if args.manifest and not args.target:
+        raise ConfigError("--manifest: name the column to predict with --target")
+    out = Path(args.output)
+    _writable_folder(out, "-o")
+    device = _device(args.device)
+    encoders = [load_encoder(source) for source in args.encoders]
+    patch = settings.patch_size or encoders[0].pretrain_patch_size
+    for encoder in encoders:
+        encoder.check_patch_size(patch)
+    notes = []
+    if args.dataset:
+        spacing = args.spacing or float(next(iter(encoders[0].plan["pretrain_plan"]["configurations"].values()))[
+            "spacing"][0])  # fmt: skip
+        cases, labels = read_dataset(args.dataset, PreprocessSettings(spacing=spacing, crop="nonzero"))
+        subjects = len({case.subject for case in cases})
+        task: Any = SegmentationTask(cases, labels, args.test_subjects or max(1, subjects // 4))
+    else:
+        rows, meta = resolve_manifest(args.manifest)
+        dataset = PatchDataset(rows, patch, store=args.store, root=meta.get("store_root"))
+        task = ClassificationTask(dataset, rows, args.target, args.bins, folds=args.folds)
+        notes = [f"left out, unreadable: {reason}" for reason in task.unreadable]
+    return finetune(encoders, task, settings, out, device, progress=not args.no_progress, notes=notes)

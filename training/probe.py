@@ -173,7 +173,7 @@ def _cross_validate(
                 scores["balanced_accuracy"].append(
                     balanced_accuracy_score(y[test], model.predict(x[test])) if defined else float("nan")
                 )
-                scores["macro_auc"].append(_macro_auc(y[test], model.predict_proba(x[test]), model.classes_))
+                scores["macro_auc"].append(macro_auc(y[test], model.predict_proba(x[test]), model.classes_))
             else:
                 predicted = model.predict(x[test])
                 scores["mae"].append(mean_absolute_error(y[test], predicted))
@@ -192,7 +192,7 @@ def _model(kind: str, baseline: bool):
     return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
 
 
-def _macro_auc(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
+def macro_auc(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float:
     """Mean one-vs-rest AUC over the classes that have positives and negatives in this fold (NaN if none).
 
     A class the fold's training side never saw scores 0.5 (the model gives it no probability).

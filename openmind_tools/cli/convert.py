@@ -35,7 +35,8 @@ EXIT_FAILURES = EXIT_DATA
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"verify": (_verify_parser, _verify), "demo-data": (_demo_parser, _demo)}
+    commands = {"verify": (_verify_parser, _verify), "demo-data": (_demo_parser, _demo),
+                "nnunet-dataset": (_nnunet_parser, _nnunet)}  # fmt: skip
     make_parser, run = commands.get(argv[0] if argv else "", (_convert_parser, _convert))
     rest = argv[1:] if make_parser is not _convert_parser else argv
     return run_command("openmind-convert", lambda: make_parser().parse_args(rest), run)
@@ -47,7 +48,7 @@ def _convert_parser() -> argparse.ArgumentParser:
         description="Convert an OpenMind download (ROOT holds openneuro_metadata.csv and OpenMind/) or a "
         "BIDS-like tree into sharded stores plus OUT/manifest.parquet and OUT/errors.parquet. Rerun the same "
         "command after a crash to resume. Other commands: 'openmind-convert verify OUT', "
-        "'openmind-convert demo-data DIR'.",
+        "'openmind-convert demo-data DIR', 'openmind-convert nnunet-dataset ROOT OUT'.",
         epilog="Exit status: 0 all converted, 2 bad arguments, 3 some inputs failed (see OUT/errors.parquet), "
         "4 the machine failed (disk full, I/O error): fix it and rerun the same command.",
     )
@@ -190,6 +191,33 @@ def _demo(args: argparse.Namespace) -> int:
 
     root = write_demo_corpus(args.dir, seed=args.seed)
     print(f"demo corpus written to {root}")
+    return EXIT_OK
+
+
+def _nnunet_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="openmind-convert nnunet-dataset",
+        description="Write an nnU-Net v2 raw dataset (imagesTr, labelsTr, dataset.json) of a corpus's images that "
+        "have a label map, one case per subject (its first session): the input of nnUNetv2_plan_and_preprocess and "
+        "of 'openmind-eval finetune --dataset'.",
+    )
+    p.add_argument("root", type=existing_dir, help="corpus root (openneuro_metadata.csv + OpenMind/)")
+    p.add_argument("out", type=output_dir, help="folder to write DatasetXXX_NAME/ into (nnU-Net's nnUNet_raw)")
+    p.add_argument("--labels", default="background,CSF,GM,WM,lesion",
+                   help="class names in class order, background first (default: the synthetic cohort's)")  # fmt: skip
+    p.add_argument("--label-column", default="label_path", help="CSV column naming each image's label map")
+    p.add_argument("--modality", default="T1w", help="which images (CSV spelling; default T1w)")
+    p.add_argument("--id", type=positive_int, default=501, help="nnU-Net dataset number, 1-999 (default 501)")
+    p.add_argument("--name", default="OpenMindCohort", help="dataset name (default OpenMindCohort)")
+    return p
+
+
+def _nnunet(args: argparse.Namespace) -> int:
+    from openmind_tools.nnunet_dataset import write_dataset
+
+    folder = write_dataset(args.root, args.out, args.labels.split(","), label_column=args.label_column,
+                           modality=args.modality, dataset_id=args.id, name=args.name)  # fmt: skip
+    print(f"nnU-Net raw dataset written to {folder}")
     return EXIT_OK
 
 
