@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from openmind_tools.errors import ConfigError, MachineError, StoreError
 
@@ -37,6 +39,41 @@ def run_command(prog: str, parse: Callable[[], argparse.Namespace], body: Callab
     except BrokenPipeError:  # `... | head` closed stdout: stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+
+
+@contextmanager
+def dask_client(args: argparse.Namespace) -> Iterator[Any]:
+    """The dask Client of `--scheduler`, or of a local cluster of `--workers` processes (`--memory-limit` each);
+    None with --workers 0 and no scheduler: the work runs in this process."""
+    from dask.distributed import Client, LocalCluster
+
+    if args.scheduler:
+        try:
+            client = Client(args.scheduler, timeout="10s")
+        except (OSError, TimeoutError, ValueError) as e:
+            raise ConfigError(f"--scheduler {args.scheduler}: cannot connect ({e})") from None
+        with client:
+            yield client
+        return
+    if args.workers == 0:
+        yield None
+        return
+    environ = dict(os.environ)  # dask's nannies set OMP_NUM_THREADS=1 etc. in this process for their workers
+    try:
+        with (
+            LocalCluster(
+                n_workers=args.workers,
+                threads_per_worker=1,
+                memory_limit=args.memory_limit,
+                dashboard_address=None,
+            ) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client
+    finally:  # ...which would leave every later subprocess (a trainer started from the same Python) on one thread
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)
 
 
 def positive_int(text: str) -> int:

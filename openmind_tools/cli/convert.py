@@ -12,24 +12,21 @@ I/O error, too many open files, a lost dask worker): nothing is blamed on an inp
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from typing import Any
+from contextlib import ExitStack
 
 from openmind_tools import zarr_store
 from openmind_tools.cli.common import (
     EXIT_DATA,
     EXIT_OK,
     byte_size,
+    dask_client,
     existing_dir,
     non_negative_int,
     positive_float,
     positive_int,
     run_command,
 )
-from openmind_tools.errors import ConfigError
 from openmind_tools.preprocess import PreprocessSettings
 
 EXIT_FAILURES = EXIT_DATA
@@ -113,7 +110,7 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"{len(corpus.images)} images would be converted into {args.out} ({settings.digest()})")
         return EXIT_OK
     with ExitStack() as stack:
-        client = None if args.workers == 0 and not args.scheduler else stack.enter_context(_client(args))
+        client = stack.enter_context(dask_client(args))
         summary = convert(
             args.root,
             args.out,
@@ -129,36 +126,6 @@ def _convert(args: argparse.Namespace) -> int:
         )
     print(summary)
     return EXIT_FAILURES if summary.failed else EXIT_OK
-
-
-@contextmanager
-def _client(args: argparse.Namespace) -> Iterator[Any]:
-    from dask.distributed import Client, LocalCluster
-
-    if args.scheduler:
-        try:
-            client = Client(args.scheduler, timeout="10s")
-        except (OSError, TimeoutError, ValueError) as e:
-            raise ConfigError(f"--scheduler {args.scheduler}: cannot connect ({e})") from None
-        with client:
-            yield client
-        return
-    environ = dict(os.environ)  # dask's nannies set OMP_NUM_THREADS=1 etc. in this process for their workers
-    try:
-        with (
-            LocalCluster(
-                n_workers=args.workers,
-                threads_per_worker=1,
-                memory_limit=args.memory_limit,
-                dashboard_address=None,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            yield client
-    finally:  # ...which would leave every later subprocess (a trainer started from the same Python) on one thread
-        for key in set(os.environ) - set(environ):
-            del os.environ[key]
-        os.environ.update(environ)
 
 
 def _verify_parser() -> argparse.ArgumentParser:
@@ -182,7 +149,7 @@ def _verify(args: argparse.Namespace) -> int:
     from openmind_tools.verify import repair, verify
 
     with ExitStack() as stack:
-        client = None if args.workers == 0 and not args.scheduler else stack.enter_context(_client(args))
+        client = stack.enter_context(dask_client(args))
         problems = verify(args.out, progress=not args.quiet, client=client)
         for problem in problems:
             print(problem)
