@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a new machine: create .venv (CPU torch unless one is already there), install the
-# project with its console scripts, then run the demo end to end (demo corpus -> convert -> query -> train ->
-# probe), then SimCLR and y-aware on the same store, probed alike.
+# project with its console scripts (and Debian's headless Chromium for the report's browser tests), then run the
+# demo end to end (demo corpus -> convert -> query -> QC report -> train -> probe), then SimCLR and y-aware on the
+# same store, probed alike.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -15,6 +16,18 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip install "$spec" || pip install --index-url https://download.pytorch.org/whl/cpu "$spec"
 fi
 pip install -e ".[test,bench]" einops
+# Debian's headless Chromium and its driver, for the QC report's browser tests (tests/test_report.py, driven by
+# selenium): installed once, quietly; without root or apt-get, say what the tests will miss.
+if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -qq update >/dev/null
+    apt-get -qq install -y --no-install-recommends chromium chromium-driver >/dev/null
+  else
+    echo "setup.sh: chromium and chromium-driver are missing; as root: apt-get install chromium chromium-driver" \
+      "(tests/test_report.py fails without them)" >&2
+  fi
+fi
 # dynamic-network-architectures after the project and without its dependencies: its timm requirement (only its
 # Primus/DINOv2 modules import timm; ResEnc never does) pulls torchvision and with it a multi-GB CUDA torch.
 pip install --no-deps "dynamic-network-architectures>=0.4"
@@ -30,6 +43,7 @@ rm -rf "$demo/store"  # the demo store is rebuilt each time: a store of an older
 .venv/bin/openmind-convert "$demo/corpus" "$demo/store" --format zarr,wds --workers 2
 .venv/bin/openmind-manifest stats "$demo/store/manifest.parquet"
 .venv/bin/openmind-manifest query "$demo/store/manifest.parquet" --preset mae8 -o "$demo/mae8.parquet"
+.venv/bin/openmind-manifest report "$demo/store/manifest.parquet" -o "$demo/report" --workers 2 --quiet
 m="$demo/store/manifest.parquet"
 .venv/bin/openmind-train training/configs/demo.toml --overwrite --run.out="\"$demo/run\"" \
   --stages.voco.manifest="\"$m\"" --stages.mae.manifest="\"$m\""

@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 
 from openmind_tools.errors import ConfigError
+from openmind_tools.flags import flagged_ids
 from openmind_tools.manifest_io import read_table, write_table
 from openmind_tools.modalities import canonical_modalities
 
@@ -54,6 +55,7 @@ class Filters:
     min_quality: int | None = None  # image_quality_score <= this (1 best, 5 worst); unscored rows are dropped
     has_anatomy_mask: bool | None = None
     where: str | None = None  # pandas expression over the columns, e.g. "age >= 18 and sex == 'F'"
+    exclude: tuple[str, ...] = ()  # flags tables (parquet: id, reason; openmind-manifest report): ids named go
     limit: int | None = None  # the first N rows (manifest order, by id) that pass the rest
 
     def __post_init__(self) -> None:
@@ -65,6 +67,8 @@ class Filters:
             raise ConfigError(f"min_quality: expected 1 (best) to 5 (worst), got {self.min_quality}")
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"limit: expected a number of rows >= 0, got {self.limit}")
+        # absolute, so that the query text a written manifest records selects the same rows from any folder
+        object.__setattr__(self, "exclude", tuple(p if "://" in p else str(Path(p).resolve()) for p in self.exclude))
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Filters:
@@ -87,8 +91,9 @@ class Filters:
         return " ".join(parts)
 
 
-# A preset is a selection: it may not name another preset, nor cut it short with a limit.
-_PRESET_KEYS = ("description", *(f.name for f in fields(Filters) if f.name not in ("preset", "limit")))
+# A preset is a selection: it may not name another preset, cut it short with a limit, nor name flags files (a
+# relative path in a preset would depend on the folder it is used from).
+_PRESET_KEYS = ("description", *(f.name for f in fields(Filters) if f.name not in ("preset", "limit", "exclude")))
 
 
 @dataclass(frozen=True)
@@ -360,6 +365,8 @@ def _mask(df: pd.DataFrame, f: Filters) -> pd.Series:
         mask &= _column(df, "has_anatomy_mask", "has_anatomy_mask") == f.has_anatomy_mask
     if f.where:
         mask &= _where(df, f.where)
+    if f.exclude:
+        mask &= ~df["id"].isin(flagged_ids(f.exclude))
     return mask
 
 

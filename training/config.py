@@ -1,8 +1,9 @@
 """Run and stage settings, read from a TOML recipe and `--key=value` overrides.
 
 A recipe is `[run]` plus one `[[stages]]` table per stage (VoCo, then MAE); each stage names its data
-as a manifest query (manifest + preset/min_quality) and its objective, whose own settings sit in the stage's
-`options` table (training.objectives). Overrides address `run.KEY`, `stages.NAME.KEY` or
+as a manifest query (manifest + preset/min_quality, less the ids of its `exclude` flags tables, which are read
+when the recipe loads) and its objective, whose own settings sit in the stage's `options` table
+(training.objectives). Overrides address `run.KEY`, `stages.NAME.KEY` or
 `stages.NAME.options.KEY` / `stages.NAME.augment.KEY`.
 An unknown key or a value of the wrong type is an error naming it, raised before any work starts.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 from openmind_tools.augment import AugmentSettings
 from openmind_tools.errors import ConfigError
+from openmind_tools.flags import flagged_ids
 from openmind_tools.loader import MAX_PATCH_EDGE
 
 
@@ -29,6 +31,7 @@ class StageConfig:
     manifest: str  # a manifest path/URL, or a query such as "mae8 of out/manifest.parquet"
     preset: str | None = None  # a named selection in manifests/ (mae8, all, ...)
     min_quality: int | None = None  # image_quality_score <= this (1 best .. 5 worst)
+    exclude: str | list[str] | None = None  # flags table(s) (id, reason; a report's flags.parquet): ids left out
     store: str = "zarr"  # "zarr" | "wds"
     on_error: str = "raise"  # an unreadable volume: "raise" stops the run, "skip" replaces it (see max_skipped)
     max_skipped: float = 0.01  # with on_error="skip": the share of an interval's volumes after which it stops
@@ -70,9 +73,22 @@ class StageConfig:
         ):
             raise ConfigError(f"stages.{self.name}.balance_by: expected a column name or a list of them, "
                               f"got {self.balance_by!r}")  # fmt: skip
+        if self.exclude is not None:
+            if not (self.exclude_paths and all(p and isinstance(p, str) for p in self.exclude_paths)):
+                raise ConfigError(f"stages.{self.name}.exclude: expected a flags file or a list of them, "
+                                  f"got {self.exclude!r}")  # fmt: skip
+            try:  # read now: a typo must not surface after the first stage has trained for a day
+                flagged_ids(self.exclude_paths)
+            except ConfigError as e:
+                raise ConfigError(f"stages.{self.name}.exclude: {e}") from None
         from training.objectives import objective_options  # here: the objectives import this module
 
         objective_options(self)
+
+    @property
+    def exclude_paths(self) -> tuple[str, ...]:
+        """exclude as a tuple (empty: nothing left out)."""
+        return (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude or ())
 
     @property
     def balance_columns(self) -> tuple[str, ...]:

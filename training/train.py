@@ -316,7 +316,8 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 def _select(stage: StageConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The stage's manifest query, resolved; selecting nothing is a ConfigError naming the stage."""
-    filters = {k: v for k, v in (("preset", stage.preset), ("min_quality", stage.min_quality)) if v is not None}
+    given = (("preset", stage.preset), ("min_quality", stage.min_quality), ("exclude", stage.exclude_paths or None))
+    filters = {k: v for k, v in given if v is not None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EmptyResultWarning)  # turned into the error below
         rows, meta = resolve_manifest(stage.manifest, **filters)

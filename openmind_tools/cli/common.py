@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from openmind_tools.errors import ConfigError, MachineError, StoreError
 from openmind_tools.files import machine_error
@@ -46,6 +48,19 @@ def run_command(prog: str, parse: Callable[[], argparse.Namespace], body: Callab
         where = f"{e.filename}: " if e.filename else ""
         print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
+
+
+@contextmanager
+def dask_client(args: argparse.Namespace) -> Iterator[Any]:
+    """The dask Client of `--scheduler`, or of a local cluster of `--workers` processes (`--memory-limit` each);
+    None with --workers 0 and no scheduler: the work runs in this process."""
+    if args.workers == 0 and not args.scheduler:
+        yield None
+        return
+    from openmind_tools.parallel import dask_client as client_of
+
+    with client_of(args.workers, args.scheduler, args.memory_limit) as client:
+        yield client
 
 
 def positive_int(text: str) -> int:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import ExitStack
-from typing import Any
 
 from openmind_tools import zarr_store
 from openmind_tools.cli.common import (
     EXIT_DATA,
     EXIT_OK,
     byte_size,
+    dask_client,
     existing_dir,
     non_negative_int,
     output_dir,
@@ -112,7 +112,7 @@ def _convert(args: argparse.Namespace) -> int:
         print(f"{len(corpus.images)} images would be converted into {args.out} ({settings.digest()})")
         return EXIT_OK
     with ExitStack() as stack:
-        client = None if args.workers == 0 and not args.scheduler else stack.enter_context(_client(args))
+        client = stack.enter_context(dask_client(args))
         summary = convert(
             args.root,
             args.out,
@@ -128,12 +128,6 @@ def _convert(args: argparse.Namespace) -> int:
         )
     print(summary)
     return EXIT_FAILURES if summary.failed else EXIT_OK
-
-
-def _client(args: argparse.Namespace) -> Any:
-    from openmind_tools.parallel import dask_client
-
-    return dask_client(args.workers, args.scheduler, args.memory_limit)
 
 
 def _verify_parser() -> argparse.ArgumentParser:
@@ -158,7 +152,7 @@ def _verify(args: argparse.Namespace) -> int:
     from openmind_tools.verify import repair, verify
 
     with ExitStack() as stack:
-        client = None if args.workers == 0 and not args.scheduler else stack.enter_context(_client(args))
+        client = stack.enter_context(dask_client(args))
         problems = verify(args.out, progress=not args.quiet, client=client)
         for problem in problems:
             print(problem)

@@ -3,11 +3,14 @@
     openmind-manifest stats MANIFEST [--plot stats.png] [--balance-by dataset,modality]
     openmind-manifest query MANIFEST [--preset mae8] [--modality T1w,FLAIR] [--min-quality 3] [--dataset ds000101]
                                      [--where "age >= 18 and sex == 'F'"] [-o out.parquet | --format csv|jsonl]
+                                     [--exclude flags.parquet]
     openmind-manifest show MANIFEST ID
     openmind-manifest presets
+    openmind-manifest report MANIFEST [-o report/] [--workers N | --scheduler ADDRESS] [--limit N]
 
 MANIFEST is a manifest path/URL or a query such as "mae8 min_quality=3 of out/manifest.parquet".
-Exit status: 0 done; 1 the query selected nothing (nothing written without --allow-empty); 2 bad arguments.
+Exit status: 0 done; 1 the query selected nothing (nothing written without --allow-empty); 2 bad arguments;
+3 (report) some volumes could not be read; 4 the machine failed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import sys
 import warnings
+from contextlib import nullcontext
 from dataclasses import fields
 from operator import methodcaller
 from pathlib import Path
@@ -24,8 +28,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from openmind_tools.cli.common import EXIT_OK, column_list, existing_parent, non_negative_int, run_command
+from openmind_tools.cli.common import (
+    EXIT_DATA,
+    EXIT_OK,
+    byte_size,
+    column_list,
+    dask_client,
+    existing_parent,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_command,
+)
 from openmind_tools.errors import ConfigError
+from openmind_tools.flags import THRESHOLD
 from openmind_tools.manifest import (
     FORMATS,
     QUALITY,
@@ -42,6 +58,7 @@ from openmind_tools.manifest import (
 )
 
 EXIT_EMPTY = 1
+STORE_NAMES = ("wds", "zarr")  # openmind_tools.loader.STORES, named here so --help needs no torch
 _SHOWN_ROWS = 50  # rows printed to a terminal; -o or --format writes them all
 _SOURCE_HELP = 'manifest.parquet (path or s3:// URL) or a query such as "mae8 min_quality=3 of out/manifest.parquet"'
 
@@ -95,6 +112,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--where", help="pandas expression over the manifest columns, e.g. \"age >= 18 and sex == 'F'\"")
     q.add_argument(
+        "--exclude",
+        metavar="FLAGS",
+        help="leave out the volumes a flags table names (parquet with columns id, reason, such as the flags.parquet "
+        "of 'openmind-manifest report'); comma-separated for several",
+    )
+    q.add_argument(
         "--limit", type=non_negative_int, help="keep the first N matching volumes (by id): a quick trial subset"
     )
     q.add_argument(
@@ -118,6 +141,33 @@ def _parser() -> argparse.ArgumentParser:
 
     r = commands.add_parser("presets", help="list the named selections in manifests/")
     r.set_defaults(run=_presets)
+
+    c = commands.add_parser(
+        "report",
+        help="a quality-control report: an HTML page with counts, distributions, outlier flags and a thumbnail of "
+        "every volume, plus flags.parquet for --exclude",
+        description="Write a static HTML quality-control report of a manifest into a folder (open its index.html "
+        "in a browser, offline too) and flags.parquet: robust per-modality outliers and volumes that cannot be read. "
+        "Thumbnails are made on dask; rerunning the same command resumes.",
+        epilog="Exit status: 0 done, 2 bad arguments, 3 some volumes could not be read (flagged 'unreadable'), "
+        "4 the machine failed (disk full, a lost dask worker): rerun to resume.",
+    )
+    c.add_argument("manifest", help=_SOURCE_HELP)
+    c.add_argument("-o", "--output", type=existing_parent, default="report", help="report folder (default: report)")
+    c.add_argument("--store", choices=sorted(STORE_NAMES), help="store to draw thumbnails from (default: zarr if "
+                   "the manifest has it, else wds)")  # fmt: skip
+    c.add_argument("--threshold", type=positive_float, default=THRESHOLD,
+                   help=f"flag a metric this many robust standard deviations (1.4826 x MAD) from its modality's "
+                        f"median (default {THRESHOLD}, Iglewicz & Hoaglin's cut)")  # fmt: skip
+    c.add_argument("--limit", type=positive_int, help="report on the first N volumes (by id) only: a quick trial")
+    c.add_argument("--workers", type=non_negative_int, default=2, help="local dask worker processes (0 = here)")
+    c.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:8786)")
+    c.add_argument("--memory-limit", type=byte_size, default="auto", help="per local worker, e.g. 4GiB")
+    c.add_argument("--retry-errors", action="store_true", help="redraw the thumbnail sheets that held an unreadable "
+                   "volume (after 'openmind-convert verify --repair', say)")  # fmt: skip
+    c.add_argument("--dry-run", action="store_true", help="count the flags and the sheets to draw; write nothing")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(run=_report)
     return p
 
 
@@ -191,6 +241,17 @@ def _show(args: argparse.Namespace) -> int:
         if store in row and isinstance(row[store], str):
             print(f"{'-> ' + store:<{width}}  {root}/{row[store]} [{row[key]}]")
     return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from openmind_tools.report import build_report
+
+    with nullcontext() if args.dry_run else dask_client(args) as client:
+        summary = build_report(args.manifest, args.output, store=args.store, threshold=args.threshold,
+                               limit=args.limit, client=client, progress=not args.quiet,
+                               retry_errors=args.retry_errors, dry_run=args.dry_run)  # fmt: skip
+    print(summary)
+    return EXIT_DATA if summary.unreadable else EXIT_OK
 
 
 def _presets(args: argparse.Namespace) -> int:

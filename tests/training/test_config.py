@@ -54,6 +54,8 @@ def _args(demo_out: Path, run: Path, *extra: str) -> list[str]:
         ("--stages.mae.crops_per_volume=0", "stages.mae.crops_per_volume"),
         ("--stages.mae.augment={p_rotaton=0.5}", "unknown augmentation setting(s): p_rotaton"),
         ("--stages.mae.augment={p_noise=2.0}", "p_noise: expected a probability in [0, 1]"),
+        ('--stages.mae.exclude="flags.parquet"', "stages.mae.exclude: flags.parquet: no such flags file"),
+        ("--stages.mae.exclude=[]", "stages.mae.exclude: expected a flags file or a list of them"),
     ],
 )
 def test_a_bad_value_in_any_stage_exits_2_before_any_work(demo_out: Path, tmp_path: Path, capsys, override: str,
@@ -85,6 +87,20 @@ def test_the_objectives_columns_are_checked_against_the_manifest_before_any_work
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not run.exists()
+
+
+def test_a_stage_with_exclude_trains_on_the_manifest_less_the_flagged_ids(demo_out: Path, tmp_path: Path) -> None:
+    from training.train import _select
+
+    rows = pd.read_parquet(demo_out / "manifest.parquet")
+    flagged = rows["id"].iloc[[1, 4]].tolist()
+    flags = pd.DataFrame({"id": [flagged[0], flagged[0], flagged[1]], "reason": ["high x: 1", "low y: 2", "mine: z"]})
+    flags.to_parquet(tmp_path / "flags.parquet")
+    cfg = load_config(RECIPE, [f"--stages.voco.manifest={json.dumps(str(demo_out / 'manifest.parquet'))}",
+                               f"--stages.voco.exclude={json.dumps(str(tmp_path / 'flags.parquet'))}"])  # fmt: skip
+    selected, meta = _select(cfg.stages[0])
+    assert sorted(selected["id"]) == sorted(set(rows["id"]) - set(flagged))
+    assert f"exclude={tmp_path / 'flags.parquet'}" in meta["query"]
 
 
 def test_toml_lists_reach_the_augmentation_settings(demo_out: Path) -> None:
