@@ -30,7 +30,27 @@ if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then
 fi
 # dynamic-network-architectures after the project and without its dependencies: its timm requirement (only its
 # Primus/DINOv2 modules import timm; ResEnc never does) pulls torchvision and with it a multi-GB CUDA torch.
-pip install --no-deps "dynamic-network-architectures>=0.4"
+pip install --no-deps "dynamic-network-architectures>=0.4.4,<0.5"  # the range nnunetv2 2.8.1 accepts
+# The [finetune] extra (released nnU-Net; the tests fine-tune with it) alike: nnunetv2 with --no-deps, then its own
+# requirements but torch and dynamic-network-architectures, which are here already (~7 s, ~100 MB).
+requirements() {  # of installed distribution $1 (its extra $2, else its base) but torch and DNA, as NAME+SPEC words
+  .venv/bin/python - "$@" <<'EOF'
+import sys
+from importlib.metadata import requires
+from packaging.requirements import Requirement
+
+def wanted(r, extra):
+    base = r.marker is None or r.marker.evaluate({"extra": ""})
+    return (not base and r.marker.evaluate({"extra": extra})) if extra else base
+
+reqs = [r for r in map(Requirement, requires(sys.argv[1]) or []) if wanted(r, sys.argv[2] if len(sys.argv) > 2 else "")]
+print(*(f"{r.name}{r.specifier}" for r in reqs if r.name not in ("torch", "dynamic-network-architectures")))
+EOF
+}
+# shellcheck disable=SC2046  # one requirement per word
+pip install --no-deps $(requirements openmind-tools finetune)
+# shellcheck disable=SC2046
+pip install $(requirements nnunetv2)
 # pip check must pass but for that one known, unused requirement
 broken=$(.venv/bin/python -m pip check 2>&1 | grep -v -e "^dynamic-network-architectures .* requires timm" \
   -e "^No broken requirements found" || true)

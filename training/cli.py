@@ -3,7 +3,7 @@
 openmind-train training/configs/demo.toml [--run.out=runs/x] [--stages.mae.max_steps=10]
 torchrun --nproc_per_node 8 -m training training/configs/voco_then_mae.toml
 openmind-train CONFIG --resume runs/NAME
-openmind-train export runs/NAME -o encoder.pt [--stage mae]
+openmind-train export runs/NAME -o encoder.pt [--stage mae] [--plans nnUNet_preprocessed/DATASET/PLANS.json]
 """
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "export":
         return run_command("openmind-train export", lambda: _export_parser().parse_args(argv[1:]), _export)
     return run_command("openmind-train", lambda: _train_parser().parse_known_args(argv), _train)
+
+
+# What an export holds, by training.model.DECODER_CHOICES
+_HELD = {
+    "trained": "encoder and decoder, both trained",
+    "omitted": "the encoder alone (the objective trains no decoder)",
+    "nnunet_init": "the trained encoder, and a decoder at nnU-Net's own initialisation (the objective trains none)",
+}
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -57,19 +65,48 @@ def _train(parsed: tuple[argparse.Namespace, list[str]]) -> int:
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="openmind-train export",
-        description="Write a stage's weights with the nnssl adaptation plan nnU-Net's ResEnc-L fine-tuning loads; "
-        "the weights are checked by a strict load into a fresh network before anything is written.",
+        description="Write a stage's weights with the nnssl adaptation plan nnU-Net's ResEnc fine-tuning reads; "
+        "the weights are checked by a strict load into a fresh network before anything is written. A stage whose "
+        "objective trains the encoder alone (voco, simclr, yaware) exports the encoder alone.",
     )
     p.add_argument("run", type=existing_dir, help="run folder written by openmind-train")
     p.add_argument("-o", "--output", required=True, type=existing_parent, help="file to write, e.g. encoder.pt")
     p.add_argument("--stage", help="stage to export (default: the last one)")
+    p.add_argument(
+        "--plans",
+        type=Path,
+        help="for released nnU-Net's 'nnUNetv2_train -pretrained_weights': an nnU-Net plans file "
+        "(nnUNet_preprocessed/DATASET/nnUNetResEncUNetLPlans.json, say) to copy beside itself with the export's "
+        "architecture and patch size. nnU-Net's loader needs every key, so an encoder-only stage's export then "
+        "carries a decoder drawn with nnU-Net's own initialisation",
+    )
+    p.add_argument("--plans-name", help="name of the plans written, for nnUNetv2_train -p (default: the source "
+                   "plans' name, '_' and the output's stem, e.g. nnUNetResEncUNetLPlans_mae)")  # fmt: skip
+    p.add_argument("--configuration", default="3d_fullres", help="configuration of --plans to rewrite")
+    p.add_argument(
+        "--patch-size",
+        type=_patch_size,
+        help="patch of the written plans: an edge (160) or D,H,W (default: the export's recommended 160^3)",
+    )
     return p
+
+
+def _patch_size(text: str) -> tuple[int, ...]:
+    try:
+        edges = tuple(int(edge) for edge in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an edge (160) or D,H,W, got {text!r}") from None
+    if len(edges) not in (1, 3) or min(edges) < 1:
+        raise argparse.ArgumentTypeError(f"expected one or three positive edges, got {text!r}")
+    return edges * 3 if len(edges) == 1 else edges
 
 
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from training.model import PRESETS, export_encoder, nnssl_pretrain_plan
+    from training.model import PRESETS, adaptation_plan, export_encoder, nnssl_pretrain_plan
+    from training.nnunet_plans import load_plans, plans_for_export, write_plans
+    from training.objectives import OBJECTIVES, trains_decoder
 
     try:
         cfg = json.loads((Path(args.run) / "config.json").read_text())
@@ -84,12 +121,33 @@ def _export(args: argparse.Namespace) -> int:
         raise ConfigError(f"{weights}: stage {name!r} has not finished in {args.run}")
     if cfg.get("model") not in PRESETS:
         raise ConfigError(f"{args.run}/config.json: model {cfg.get('model')!r} is not one of {sorted(PRESETS)}")
+    objective = stages[name].get("objective")
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"{args.run}/config.json: stage {name!r} has objective {objective!r}, not one of "
+                          f"{sorted(OBJECTIVES)}")  # fmt: skip
     net = PRESETS[cfg["model"]]()
     try:
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
     except Exception as e:  # a damaged or foreign file fails in many ways; all mean the same here
         raise ConfigError(f"{weights}: not the weights of {cfg['model']} ({type(e).__name__}: {e})") from None
-    plan = nnssl_pretrain_plan(patch_size=(stages[name]["out_size"],) * 3)
-    path = export_encoder(net, cfg["model"], args.output, plan)
-    print(f"exported {name} weights of {cfg['model']} to {path}")
+    decoder = "trained" if trains_decoder(objective) else "nnunet_init" if args.plans else "omitted"
+    pretrain_plan = nnssl_pretrain_plan(patch_size=(stages[name]["out_size"],) * 3)
+    plans = None
+    if args.plans is not None:  # checked before the export is written
+        source, dataset = load_plans(args.plans)
+        plans = plans_for_export(
+            source,
+            dataset,
+            adaptation_plan(net, cfg["model"], pretrain_plan, decoder=decoder),
+            plans_name=args.plans_name or f"{source['plans_name']}_{Path(args.output).stem}",
+            configuration=args.configuration,
+            patch_size=args.patch_size,
+        )
+    path = export_encoder(net, cfg["model"], args.output, pretrain_plan, decoder=decoder)
+    print(f"exported {name} ({objective}) weights of {cfg['model']} to {path}: {_HELD[decoder]}")
+    if plans is not None:
+        written = write_plans(plans, args.plans.parent)
+        print(f"nnU-Net plans {plans['plans_name']!r} written to {written}; fine-tune with\n"
+              f"  nnUNetv2_train {plans['dataset_name']} {args.configuration} FOLD -p {plans['plans_name']} "
+              f"-pretrained_weights {path}")  # fmt: skip
     return 0

@@ -83,6 +83,7 @@ class ContrastiveLoss(nn.Module):
     """SimCLR (column=None) or y-aware InfoNCE on two views; see the module docstring for the call shape."""
 
     views = 2  # augmented views of each patch it takes (training.objectives.Objective)
+    trains_decoder = False  # the encoder (and its head) alone: its export omits the decoder
 
     def __init__(
         self,

@@ -76,6 +76,7 @@ class MAELoss(nn.Module):
     """Masked-block reconstruction MSE; see the module docstring for the call shape."""
 
     views = 1  # augmented views of each patch it takes (training.objectives.Objective)
+    trains_decoder = True  # the whole U-Net
 
     def __init__(self, net: ResidualEncoderUNet, mask_ratio: float = 0.75, block_size: int = 16) -> None:
         super().__init__()

@@ -3,7 +3,8 @@
 `resenc_l` is nnssl's `get_res_enc_l` (nnU-Net's ResEnc-L topology: dynamic_network_architectures
 `ResidualEncoderUNet`, 6 stages, 32-64-128-256-320-320 features, 1-3-4-6-6-6 blocks), left with PyTorch's
 default init as nnssl leaves it. The export is nnssl's checkpoint layout: `{"network_weights", "nnssl_adaptation_plan"}`
-with the plan serialised as nnssl's `AdaptationPlan.serialize()` writes it. Arrays are (B, C, D, H, W).
+with the plan serialised as nnssl's `AdaptationPlan.serialize()` writes it, plus `trained_parts` (which nnssl and
+nnU-Net ignore). Arrays are (B, C, D, H, W).
 """
 
 import io
@@ -33,6 +34,14 @@ _ARCH_CLASS_NAME = "ResidualEncoderUNet"
 _CLASSES: dict[str, type[nn.Module]] = {
     f"{c.__module__}.{c.__name__}": c for c in (nn.Conv3d, nn.InstanceNorm3d, nn.LeakyReLU)
 }
+# What an export holds of the decoder. "trained": the objective trained it (MAE). "omitted": an encoder-only objective
+# (VoCo, SimCLR, y-aware), so only the `encoder.` keys are written and a loader builds the decoder fresh (nnU-Net
+# master's PretrainedTrainer loads `key_to_encoder`/`key_to_stem` alone). "nnunet_init": encoder-only, with the decoder
+# drawn as nnU-Net initialises a network (`ResidualEncoderUNet.initialize`, which `get_network_from_plans` applies),
+# for released nnU-Net's `-pretrained_weights`, whose `load_pretrained_weights` requires every key but the seg layers.
+DECODER_CHOICES = ("trained", "omitted", "nnunet_init")
+_ENCODER_PREFIX = "encoder."
+_NNUNET_INIT_SEED = 0  # the "nnunet_init" decoder is drawn under this seed: one export, one file
 # Top-level keys of nnssl's `Plan` and `ConfigurationPlan` dataclasses: nnssl rebuilds them with `**dict`.
 _PLAN_KEYS = frozenset(
     {
@@ -179,37 +188,53 @@ def nnssl_pretrain_plan(
     }
 
 
-def export_encoder(
+def adaptation_plan(
     net: ResidualEncoderUNet,
     arch_name: str,
-    path: str | os.PathLike,
     pretrain_plan: dict[str, Any],
     patch_size: Sequence[int] = (160, 160, 160),
-) -> Path:
-    """Write `net`'s weights with an nnssl adaptation plan, after proving they load into a fresh preset net.
-
-    `net` is the plain module (not DDP- or compile-wrapped). The check rebuilds the network from the plan alone,
-    as downstream code does, loads the weights with `strict=True` and resolves every key prefix; any failure
-    raises `ExportError` and leaves `path` untouched. The file is written to a temporary name and then renamed.
-    """
+    decoder: str = "trained",
+) -> dict[str, Any]:
+    """The nnssl adaptation plan `export_encoder` writes for `net`, checked but not yet proven to load."""
+    if decoder not in DECODER_CHOICES:
+        raise ExportError(f"decoder: expected one of {DECODER_CHOICES}, got {decoder!r}")
     _check_pretrain_plan(pretrain_plan)
-    weights = _cpu_state_dict(net)
-    in_channels = int(net.encoder.stem.convs[0].conv.in_channels)
-    plan = {
+    return {
         "architecture_plans": {
             "arch_class_name": _ARCH_CLASS_NAME,
             "arch_kwargs": _serialise(arch_kwargs(arch_name)),
             "arch_kwargs_requiring_import": ["conv_op", "norm_op", "nonlin"],
         },
         "pretrain_plan": pretrain_plan,
-        "pretrain_num_input_channels": in_channels,
+        "pretrain_num_input_channels": int(net.encoder.stem.convs[0].conv.in_channels),
         "recommended_downstream_patchsize": [int(p) for p in patch_size],
         "key_to_encoder": net.key_to_encoder,
         "key_to_stem": net.key_to_stem,
         "keys_to_in_proj": list(net.keys_to_in_proj),
         "key_to_lpe": None,
+        "trained_parts": ["encoder", "decoder"] if decoder == "trained" else ["encoder"],
     }
+
+
+def export_encoder(
+    net: ResidualEncoderUNet,
+    arch_name: str,
+    path: str | os.PathLike,
+    pretrain_plan: dict[str, Any],
+    patch_size: Sequence[int] = (160, 160, 160),
+    decoder: str = "trained",
+) -> Path:
+    """Write `net`'s weights with an nnssl adaptation plan, after proving they load into a fresh preset net.
+
+    `decoder` (one of `DECODER_CHOICES`) says whether the decoder's weights are written as trained, left out, or
+    replaced by nnU-Net's own initialisation; the plan's `trained_parts` names what pretraining trained.
+    `net` is the plain module (not DDP- or compile-wrapped). The check rebuilds the network from the plan alone,
+    as downstream code does, loads the weights strictly and resolves every key prefix; any failure raises
+    `ExportError` and leaves `path` untouched. The file is written to a temporary name and then renamed.
+    """
+    plan = adaptation_plan(net, arch_name, pretrain_plan, patch_size, decoder)
     try:
+        weights = _export_weights(net, arch_name, decoder)
         # Rebuild from the plan as a weights_only load will return it (numpy scalars, say, would not survive).
         buffer = io.BytesIO()
         torch.save(plan, buffer)
@@ -221,17 +246,42 @@ def export_encoder(
 
 
 def load_exported(path: str | os.PathLike) -> tuple[ResidualEncoderUNet, dict[str, Any]]:
-    """Rebuild the network an `export_encoder` file describes and load its weights strictly (no unpickling)."""
+    """Rebuild the network an `export_encoder` file describes and load its weights strictly (no unpickling).
+
+    An export without decoder weights (an encoder-only objective's) gets a freshly initialised decoder.
+    """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     plan = checkpoint["nnssl_adaptation_plan"]
     return _net_from_plan(plan, checkpoint["network_weights"]), plan
 
 
+def _export_weights(net: ResidualEncoderUNet, arch_name: str, decoder: str) -> dict[str, torch.Tensor]:
+    """The state dict to write: all of it, the encoder's keys alone, or the encoder in a nnU-Net-initialised net."""
+    if decoder == "omitted":
+        return {k: v for k, v in _cpu_state_dict(net).items() if k.startswith(_ENCODER_PREFIX)}
+    if decoder == "trained":
+        return _cpu_state_dict(net)
+    in_channels = int(net.encoder.stem.convs[0].conv.in_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_NNUNET_INIT_SEED)
+        fresh = PRESETS[arch_name](in_channels, num_classes=net.decoder.seg_layers[-1].out_channels)
+        fresh.apply(fresh.initialize)
+    fresh.encoder.load_state_dict(net.encoder.state_dict(), strict=True)
+    return _cpu_state_dict(fresh)
+
+
 def _net_from_plan(plan: dict[str, Any], weights: dict[str, torch.Tensor]) -> ResidualEncoderUNet:
-    """Build the plan's network (output channels taken from the weights), load strictly, resolve the key prefixes."""
+    """Build the plan's network (output channels taken from the weights), load strictly, resolve the key prefixes.
+
+    Weights without a `decoder.` key are an encoder-only export: they load strictly into the encoder.
+    """
     n_stages = plan["architecture_plans"]["arch_kwargs"]["n_stages"]
-    net = network_from_plan(plan, num_classes=weights[f"decoder.seg_layers.{n_stages - 2}.weight"].shape[0])
-    net.load_state_dict(weights, strict=True)
+    seg = f"decoder.seg_layers.{n_stages - 2}.weight"
+    net = network_from_plan(plan, num_classes=weights[seg].shape[0] if seg in weights else 1)
+    if any(key.startswith("decoder.") for key in weights):
+        net.load_state_dict(weights, strict=True)
+    else:
+        net.encoder.load_state_dict({k.removeprefix(_ENCODER_PREFIX): v for k, v in weights.items()}, strict=True)
     for key in (plan["key_to_encoder"], plan["key_to_stem"], *plan["keys_to_in_proj"]):
         net.get_submodule(key)
     return net

@@ -30,6 +30,7 @@ class Objective(Protocol):
     (the manifest columns the options name). `logs` maps names to detached 0-dim tensors (no host sync)."""
 
     views: int  # augmented views of each patch the loop makes
+    trains_decoder: bool  # False: only the encoder learns, so its export leaves the untrained decoder out
 
     def __call__(
         self, batch: dict[str, Any], generator: torch.Generator
@@ -69,6 +70,11 @@ def objective_options(stage: StageConfig) -> Options:
     except ConfigError as e:
         raise ConfigError(f"stages.{stage.name}.{e}") from None
     return options
+
+
+def trains_decoder(objective: str) -> bool:
+    """Whether `objective` trains the U-Net's decoder (MAE) or the encoder alone (VoCo, SimCLR, y-aware)."""
+    return OBJECTIVES[objective][0].trains_decoder
 
 
 def build_objective(stage: StageConfig, net: ResidualEncoderUNet) -> nn.Module:

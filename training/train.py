@@ -234,7 +234,8 @@ def _run_stage(
         with atomic_write(out / f"{stage.name}_final.pt") as f:  # init_from and export read it back
             torch.save(t.net.state_dict(), f)
         plan = nnssl_pretrain_plan(patch_size=(stage.out_size,) * 3)
-        export_encoder(t.net, cfg.model, out / f"{stage.name}_encoder.pt", plan)
+        decoder = "trained" if t.objective.trains_decoder else "omitted"
+        export_encoder(t.net, cfg.model, out / f"{stage.name}_encoder.pt", plan, decoder=decoder)
         if log.path.exists():  # a stage stopped at step 0 has nothing to plot
             log.plot(out / f"{stage.name}_loss.png")
         log.close()

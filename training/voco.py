@@ -106,6 +106,7 @@ class VoCoLoss(nn.Module):
     """Overlap-supervised crop similarity with an EMA teacher; see the module docstring for the call shape."""
 
     views = 1  # augmented views of each patch it takes (training.objectives.Objective)
+    trains_decoder = False  # the encoder (and its head) alone: its export omits the decoder
 
     def __init__(
         self,

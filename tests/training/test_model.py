@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from training.embed import load_encoder
 from training.model import (
     PRESETS,
     ExportError,
@@ -116,4 +117,56 @@ def test_export_rejects_a_pretrain_plan_that_needs_unpickling(tmp_path):
     plan["configurations"]["onemmiso"]["patch_size"] = list(np.array([32, 32, 32]))  # numpy scalars
     with pytest.raises(ExportError, match="would not load"):
         export_encoder(resenc_tiny(), "resenc_tiny", tmp_path / "x.pth", plan)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _export(tmp_path, net, decoder: str):
+    plan = nnssl_pretrain_plan((32,) * 3)
+    return export_encoder(net, "resenc_tiny", tmp_path / f"{decoder}.pt", plan, decoder=decoder)
+
+
+def test_an_encoder_only_export_holds_the_encoder_alone_and_loads_with_a_fresh_decoder(tmp_path):
+    torch.manual_seed(0)
+    net = resenc_tiny()
+    path = _export(tmp_path, net, "omitted")
+    saved = torch.load(path, weights_only=True)
+    assert saved["nnssl_adaptation_plan"]["trained_parts"] == ["encoder"]
+    assert saved["network_weights"].keys() == {f"encoder.{k}" for k in net.encoder.state_dict()}
+    assert path.stat().st_size < 1.2 * 4 * sum(p.numel() for p in net.encoder.parameters())
+
+    loaded, _ = load_exported(path)  # what openmind-eval probe loads: the encoder as trained, a fresh decoder
+    for key, value in net.encoder.state_dict().items():
+        assert torch.equal(loaded.encoder.state_dict()[key], value)
+    assert not torch.equal(loaded.decoder.stages[0].convs[0].conv.weight, net.decoder.stages[0].convs[0].conv.weight)
+    probe = load_encoder(path)
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        for got, want in zip(probe.net.encoder(x), net.encoder(x), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_trained_decoder_is_exported_and_an_nnunet_init_one_replaces_the_untrained_one(tmp_path):
+    torch.manual_seed(0)
+    net = resenc_tiny()
+    trained = torch.load(_export(tmp_path, net, "trained"), weights_only=True)
+    assert trained["nnssl_adaptation_plan"]["trained_parts"] == ["encoder", "decoder"]
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in trained["network_weights"].items())
+    assert trained["network_weights"].keys() == net.state_dict().keys()
+
+    filled_path = _export(tmp_path, net, "nnunet_init")
+    filled = torch.load(filled_path, weights_only=True)
+    assert filled["nnssl_adaptation_plan"]["trained_parts"] == ["encoder"]
+    weights = filled["network_weights"]
+    assert weights.keys() == net.state_dict().keys()  # every key, as released nnU-Net's loader requires
+    assert all(torch.equal(v, weights[f"encoder.{k}"]) for k, v in net.encoder.state_dict().items())
+    convs = [m for m in net.decoder.stages.modules() if isinstance(m, nn.Conv3d)]
+    assert convs and all(m.bias.abs().sum() > 0 for m in convs)  # PyTorch's default init: biases drawn
+    biases = [v for k, v in weights.items() if k.startswith("decoder.stages.") and k.endswith("conv.bias")]
+    assert biases and all(not v.any() for v in biases)  # nnU-Net's InitWeights_He: biases zero
+    assert load_encoder(filled_path).net.encoder.state_dict().keys() == net.encoder.state_dict().keys()
+
+
+def test_export_rejects_an_unknown_decoder_choice(tmp_path):
+    with pytest.raises(ExportError, match="decoder"):
+        _export(tmp_path, resenc_tiny(), "random")
     assert list(tmp_path.iterdir()) == []

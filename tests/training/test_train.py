@@ -48,6 +48,11 @@ def test_torchrun_two_ranks_runs_both_stages_and_exports(demo_out: Path, tmp_pat
     voco = torch.load(run / "voco_final.pt", weights_only=True)
     initial = {k: v for k, v in voco.items() if k.startswith("encoder.")}
     assert any(not torch.equal(v, mae[k]) for k, v in initial.items())  # MAE moved the VoCo start
+    assert plan["trained_parts"] == ["encoder", "decoder"]  # MAE trains the whole U-Net: its export holds it
+    voco_export = torch.load(run / "voco_encoder.pt", weights_only=True)  # VoCo trains the encoder alone
+    assert voco_export["nnssl_adaptation_plan"]["trained_parts"] == ["encoder"]
+    assert voco_export["network_weights"].keys() == initial.keys()
+    assert all(torch.equal(v, initial[k]) for k, v in voco_export["network_weights"].items())
 
 
 @pytest.mark.slow
@@ -123,7 +128,8 @@ def test_the_yaware_demo_stage_learns_without_collapsing(demo_out: Path, tmp_pat
     assert quarter >= 3 and first.mean() - last.mean() > max(first.std(), last.std()), loss
     assert (log["contrast_std"] > 0.2).all() and (log["contrast_cos"] < 0.95).all(), log  # spread, not one point
     assert 0 < log["yaware_missing"].max() < 1  # the demo's ds000202 has no ages: those rows fall back to SimCLR
-    net, _ = load_exported(run / "yaware_encoder.pt")  # the encoder it trained, ready for nnU-Net
+    net, plan = load_exported(run / "yaware_encoder.pt")  # the encoder it trained, ready for nnU-Net
+    assert plan["trained_parts"] == ["encoder"]
     trained = torch.load(run / "yaware_final.pt", weights_only=True)
     assert all(torch.equal(v, trained[f"encoder.{k}"]) for k, v in net.encoder.state_dict().items())
 
