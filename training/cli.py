@@ -102,11 +102,13 @@ def _patch_size(text: str) -> tuple[int, ...]:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import pandas as pd
     import torch
 
     from training.model import PRESETS, adaptation_plan, export_encoder, nnssl_pretrain_plan
     from training.nnunet_plans import load_plans, plans_for_export, write_plans
     from training.objectives import OBJECTIVES, trains_decoder
+    from training.train import stage_spacing
 
     try:
         cfg = json.loads((Path(args.run) / "config.json").read_text())
@@ -131,7 +133,11 @@ def _export(args: argparse.Namespace) -> int:
     except Exception as e:  # a damaged or foreign file fails in many ways; all mean the same here
         raise ConfigError(f"{weights}: not the weights of {cfg['model']} ({type(e).__name__}: {e})") from None
     decoder = "trained" if trains_decoder(objective) else "nnunet_init" if args.plans else "omitted"
-    pretrain_plan = nnssl_pretrain_plan(patch_size=(stages[name]["out_size"],) * 3)
+    try:
+        spacing = stage_spacing(pd.read_parquet(Path(args.run) / f"{name}_manifest.parquet", columns=["spacing"]))
+    except (OSError, ValueError, KeyError):  # a run folder from before stages recorded their manifest
+        spacing = (1.0, 1.0, 1.0)
+    pretrain_plan = nnssl_pretrain_plan(patch_size=(stages[name]["out_size"],) * 3, spacing=spacing)
     plans = None
     if args.plans is not None:  # checked before the export is written
         source, dataset = load_plans(args.plans)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -233,7 +234,7 @@ def _run_stage(
     if master:
         with atomic_write(out / f"{stage.name}_final.pt") as f:  # init_from and export read it back
             torch.save(t.net.state_dict(), f)
-        plan = nnssl_pretrain_plan(patch_size=(stage.out_size,) * 3)
+        plan = nnssl_pretrain_plan(patch_size=(stage.out_size,) * 3, spacing=stage_spacing(rows))
         decoder = "trained" if t.objective.trains_decoder else "omitted"
         export_encoder(t.net, cfg.model, out / f"{stage.name}_encoder.pt", plan, decoder=decoder)
         if log.path.exists():  # a stage stopped at step 0 has nothing to plot
@@ -338,6 +339,15 @@ def _select(stage: StageConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
             raise ConfigError(f"stages.{stage.name}.options: objective {stage.objective!r} needs numbers in column "
                               f"{column!r}, which holds categories {categories[column][:5]}")  # fmt: skip
     return rows, meta
+
+
+def stage_spacing(rows: pd.DataFrame) -> tuple[float, float, float]:
+    """The voxel spacing (mm) a stage trained at, as its export records it: the median of its manifest's `spacing`
+    (one value when converted with one setting), else 1 mm. A fine-tuning reads the downstream data at it."""
+    if "spacing" not in rows or rows["spacing"].isna().all():
+        return (1.0, 1.0, 1.0)
+    median = np.median(np.array([list(v) for v in rows["spacing"].dropna()], dtype=float), axis=0)
+    return tuple(float(v) for v in median)
 
 
 def _plain(cfg: RunConfig) -> dict[str, Any]:

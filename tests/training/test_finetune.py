@@ -132,3 +132,11 @@ def test_dice_and_the_loss_agree_with_a_hand_computation() -> None:
     perfect = torch.nn.functional.one_hot(target, 3).movedim(-1, 1).float() * 50
     assert float(dice_ce_loss(perfect, target)) < 1e-3  # a class absent from truth and prediction counts as matched
     assert float(dice_ce_loss(perfect.flip(1), target)) > 1.5
+
+
+def test_an_export_records_the_spacing_its_stage_trained_at() -> None:
+    from training.train import stage_spacing
+
+    rows = pd.DataFrame({"spacing": [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0], [1.0, 1.0, 1.0]]})
+    assert stage_spacing(rows) == (2.0, 2.0, 2.0)  # a fine-tuning reads its dataset at this spacing
+    assert stage_spacing(pd.DataFrame({"id": ["a"]})) == (1.0, 1.0, 1.0)
