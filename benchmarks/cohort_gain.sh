@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does pretraining help? The README's cohort tables, end to end on a CPU machine (about 3 h on 2 cores):
 # the synthetic cohort -> its store at 2 mm -> MAE, VoCo, y-aware from fresh encoders -> linear probes of age,
-# brain and lesion volume -> few-shot segmentation (MAE vs scratch) and age-group classification (y-aware and MAE
+# brain and lesion volume -> few-shot segmentation (MAE vs scratch) and age-group classification (y-aware
 # vs scratch). Every number it prints is a measurement of this run; nothing is tuned to make a method win.
 #   bash benchmarks/cohort_gain.sh [OUT]            (default cohort/; each step skips what OUT already holds)
 set -euo pipefail
@@ -24,9 +24,9 @@ done
 t1="modality=T1w of $m"
 for stage in mae voco yaware; do
   $bin/openmind-eval probe "$out/$stage.pt" --manifest "$t1" --target age,brain_volume,lesion_volume,sex \
-    -o "$out/probe_$stage" --no-progress || [ $? -eq 3 ]
+    --patch-size 64 -o "$out/probe_$stage" --no-progress || [ $? -eq 3 ]
 done
 $bin/openmind-eval finetune "$out/mae.pt" --dataset "$out"/nnunet_raw/Dataset501_OpenMindCohort --shots 4,20 \
   --seeds 3 --steps 250 -o "$out/finetune_seg"
-$bin/openmind-eval finetune "$out/yaware.pt" "$out/mae.pt" --manifest "$t1" --target age --bins 55 --shots 4,20 \
+$bin/openmind-eval finetune "$out/yaware.pt" --manifest "$t1" --target age --bins 55 --shots 4,20 \
   --seeds 2 --folds 3 --steps 100 -o "$out/finetune_age"
