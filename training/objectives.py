@@ -1,27 +1,26 @@
 """The pretraining objectives a stage can name, and the call shape they share.
 
-One entry per objective: its loss module and its options dataclass (the stage's `options` table, checked
-when the recipe loads). A new objective is a loss module with the `Objective` call shape and one line in
-`OBJECTIVES`; neither the recipe format nor the loop in `training.train` changes.
+One entry per objective: its loss module and its options dataclass (the stage's `options` table, checked before
+any work starts). A new objective is a loss module with the `Objective` call shape and one line in `OBJECTIVES`;
+neither the recipe format nor the loop in `training.train` changes. This registry sits above the objectives'
+modules, and they above `training.config` (the recipe's schema and the helpers that check an options table):
+nothing below imports it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 from torch import nn
 
 from openmind_tools.errors import ConfigError
-from training.config import build_dataclass
+from training.config import StageConfig, build_dataclass
 from training.contrastive import ContrastiveLoss, SimCLROptions, YAwareOptions
 from training.mae import MAELoss, MAEOptions
 from training.voco import VoCoLoss, VoCoOptions
-
-if TYPE_CHECKING:
-    from training.config import StageConfig
 
 
 class Objective(Protocol):

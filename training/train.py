@@ -63,7 +63,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     out = Path(cfg.out)
     if resume and not (out / CHECKPOINT).is_file():  # before the lock: a refused resume creates nothing
         raise ConfigError(f"{out / CHECKPOINT}: nothing to resume")
-    selections = [_select(stage) for stage in cfg.stages]  # an empty stage fails before any folder is made
+    selections = [_select(stage) for stage in cfg.stages]  # a bad options table or an empty stage fails here
     with contextlib.ExitStack() as held:
         if master:
             held.enter_context(_exclusive(out))
@@ -317,7 +317,9 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _select(stage: StageConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The stage's manifest query, resolved; selecting nothing is a ConfigError naming the stage."""
+    """The stage's manifest query, resolved, after its objective's options table is checked (the recipe's schema
+    leaves that table to the registry); either mistake, or selecting nothing, is a ConfigError naming the stage."""
+    wanted = objective_options(stage).metadata
     given = (("preset", stage.preset), ("min_quality", stage.min_quality), ("exclude", stage.exclude_paths or None))
     filters = {k: v for k, v in given if v is not None}
     with warnings.catch_warnings():
@@ -327,7 +329,6 @@ def _select(stage: StageConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
         raise ConfigError(
             f"stages.{stage.name}: {meta.get('query', 'the manifest')} of {stage.manifest} selects no volume"
         )
-    wanted = objective_options(stage).metadata
     try:  # the columns balance_by and the objective name must be in it, and hold what the objective needs
         if stage.balance_columns:
             balance_groups(rows, stage.balance_columns)
