@@ -1,4 +1,4 @@
-"""The training loop: VoCo then MAE (or SimCLR, y-aware) on ResEnc, from the stores, under torchrun.
+"""The training loop: VoCo then MAE (or any other objective) on ResEnc, from the stores, under torchrun.
 
 config -> distributed init (torchrun env; nccl on GPU, gloo on CPU) -> per stage: model, objective,
 optimizer, schedule, loader, GPU augmentation -> resume -> loop -> checkpoint, export, loss plot. Read top
@@ -202,6 +202,7 @@ def _run_stage(
     log = _Log(out / f"{stage.name}_log.csv", stage.name, step if state is not None else None) if master else None
     bar = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not master, unit="step")
     wait, steps, since, loss_sum = 0.0, 0, time.perf_counter(), torch.zeros((), device=device)
+    logs_sum: dict[str, torch.Tensor] = {}  # the objective's logs summed over the interval, as the loss is
     skipped, per_rank = 0, math.ceil(len(dataset.volumes) / world)  # volumes replaced in this interval
     while step < total_steps:
         skipped_in_epoch = 0
@@ -214,15 +215,18 @@ def _run_stage(
                                  "(the log names them)")  # fmt: skip
             loss, logs = train_step(t, augment, batch, generator, autocast, stage.grad_clip)
             step, steps, loss_sum = step + 1, steps + 1, loss_sum + loss.detach()
+            logs_sum = {key: logs_sum.get(key, 0.0) + value for key, value in logs.items()}
             if step % cfg.log_every == 0 or step == total_steps:
-                value = float(loss_sum) / steps  # the interval's mean loss: the one host sync per interval
+                value = float(loss_sum) / steps  # the interval's mean loss: the one host sync per interval on a rank
                 elapsed = time.perf_counter() - since
                 stall, patches_s = wait / elapsed, steps * stage.batch_size * world / elapsed
                 if master:
+                    means = {key: float(total) / steps for key, total in logs_sum.items()}  # and rank 0's logs
                     bar.set_postfix(loss=f"{value:.4f}", stall=f"{stall:.1%}", patches_s=f"{patches_s:.1f}")
                     log.write(step, value, t.scheduler.get_last_lr()[0], 1e3 * elapsed / steps, stall, patches_s,
-                              {"skipped_volumes": skipped, **{k: float(v) for k, v in logs.items()}})  # fmt: skip
+                              {"skipped_volumes": skipped, **means})  # fmt: skip
                 wait, steps, since, loss_sum = 0.0, 0, time.perf_counter(), torch.zeros((), device=device)
+                logs_sum = {}
                 skipped = 0
             bar.update()
             if step % cfg.checkpoint_every == 0 or step == total_steps:
@@ -391,7 +395,8 @@ def _checkpoint(cfg, out, index, step, t: Trainable, augment, loader, generator,
 
 
 class _Log:
-    """A stage's log: STAGE_log.csv (one row per interval), TensorBoard scalars if installed, the loss plot."""
+    """A stage's log: STAGE_log.csv (one row per interval: its mean loss and objective logs), TensorBoard scalars if
+    installed, the loss plot."""
 
     def __init__(self, path: Path, stage: str, resumed_at: int | None = None) -> None:
         self.path, self.stage = path, stage
