@@ -20,6 +20,7 @@ from openmind_tools.errors import ConfigError
 from training.config import StageConfig, build_dataclass
 from training.contrastive import ContrastiveLoss, SimCLROptions, YAwareOptions
 from training.mae import MAELoss, MAEOptions
+from training.moco import MoCoLoss, MoCoOptions
 from training.voco import VoCoLoss, VoCoOptions
 
 
@@ -36,7 +37,7 @@ class Objective(Protocol):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
     def after_step(self) -> None:
-        """Called after every optimizer step (VoCo's EMA teacher moves here)."""
+        """Called after every optimizer step (VoCo's EMA teacher moves here, MoCo's queue takes its keys)."""
 
 
 class Options(Protocol):
@@ -55,6 +56,7 @@ OBJECTIVES: dict[str, tuple[type[nn.Module], type]] = {
     "mae": (MAELoss, MAEOptions),
     "simclr": (ContrastiveLoss, SimCLROptions),
     "yaware": (ContrastiveLoss, YAwareOptions),
+    "moco": (MoCoLoss, MoCoOptions),
 }
 
 
@@ -72,7 +74,7 @@ def objective_options(stage: StageConfig) -> Options:
 
 
 def trains_decoder(objective: str) -> bool:
-    """Whether `objective` trains the U-Net's decoder (MAE) or the encoder alone (VoCo, SimCLR, y-aware)."""
+    """Whether `objective` trains the U-Net's decoder (MAE) or the encoder alone (VoCo, SimCLR, y-aware, MoCo)."""
     return OBJECTIVES[objective][0].trains_decoder
 
 
