@@ -19,6 +19,7 @@ from torch import nn
 from openmind_tools.errors import ConfigError
 from training.config import StageConfig, build_dataclass
 from training.contrastive import ContrastiveLoss, SimCLROptions, YAwareOptions
+from training.genesis import GenesisLoss, GenesisOptions
 from training.mae import MAELoss, MAEOptions
 from training.moco import MoCoLoss, MoCoOptions
 from training.voco import VoCoLoss, VoCoOptions
@@ -57,6 +58,7 @@ OBJECTIVES: dict[str, tuple[type[nn.Module], type]] = {
     "simclr": (ContrastiveLoss, SimCLROptions),
     "yaware": (ContrastiveLoss, YAwareOptions),
     "moco": (MoCoLoss, MoCoOptions),
+    "genesis": (GenesisLoss, GenesisOptions),
 }
 
 
@@ -74,7 +76,8 @@ def objective_options(stage: StageConfig) -> Options:
 
 
 def trains_decoder(objective: str) -> bool:
-    """Whether `objective` trains the U-Net's decoder (MAE) or the encoder alone (VoCo, SimCLR, y-aware, MoCo)."""
+    """Whether `objective` trains the U-Net's decoder (MAE, Genesis) or the encoder alone (VoCo, SimCLR, y-aware,
+    MoCo)."""
     return OBJECTIVES[objective][0].trains_decoder
 
 
