@@ -29,7 +29,7 @@ from openmind_tools.loader import MAX_PATCH_EDGE
 @dataclass(frozen=True)
 class StageConfig:
     name: str
-    objective: str  # a name in training.objectives.OBJECTIVES: "voco", "mae", "simclr", "yaware"
+    objective: str  # a name in training.objectives.OBJECTIVES: "voco", "mae", "simclr", "yaware", "moco", ...
     manifest: str  # a manifest path/URL, or a query such as "mae8 of out/manifest.parquet"
     preset: str | None = None  # a named selection in manifests/ (mae8, all, ...)
     min_quality: int | None = None  # image_quality_score <= this (1 best .. 5 worst)
