@@ -16,7 +16,7 @@ section 3.3). ResEnc normalises with InstanceNorm3d (per sample), so the one op 
 projection head's BatchNorm1d, which this project's heads keep because without it the pooled InstanceNorm
 bottleneck is nearly the same vector for every patch (`PooledProjection`; on demo_moco.toml, 75 steps, a head
 without BN, MoCo v2's own, kept the mean cosine between different patches at 0.68-0.94 and its loss did not fall,
-1.90 -> 1.99 first to last quarter; with BN 0.42-0.53, and 2.15 -> 1.63). So the
+1.90 -> 1.99 first to last quarter; with BN 0.39-0.51, and 2.15 -> 1.63). So the
 query head normalises over this rank's queries, and the key head over the keys of every rank (`GatheredBatchNorm`:
 SimCLR's global BN), whose statistics a rank's own rows are 1/world of, as a shuffle would make them. On a single
 process the two batches hold the same patches and nothing breaks the leak; MoCo's shuffle would not either (on one
