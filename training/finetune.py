@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from openmind_tools.errors import ConfigError
+from openmind_tools.loader import MAX_PATCH_EDGE
 from training.embed import Encoder, module_checksum
 
 
@@ -57,6 +58,8 @@ class FinetuneSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"--{name.replace('_', '-')}: expected a whole number >= {low}, got {value!r}")
+        if self.patch_size is not None and not 1 <= self.patch_size <= MAX_PATCH_EDGE:
+            raise ConfigError(f"--patch-size: expected 1 to {MAX_PATCH_EDGE} voxels, got {self.patch_size!r}")
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):

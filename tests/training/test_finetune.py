@@ -113,6 +113,8 @@ def test_bad_inputs_exit_2_with_one_line_naming_them(
         ([*base, "--manifest", m], "--target"),
         ([*base, "--dataset", str(dataset), "--target", "age"], "use them with --manifest"),
         ([*base, "--dataset", str(dataset), "--shots", "0"], "--shots"),
+        ([*base, "--dataset", str(dataset), "--patch-size", "100000"], "--patch-size: expected 1 to 512"),
+        ([*base, "--dataset", str(tmp_path)], "not an nnU-Net dataset description"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
