@@ -9,6 +9,8 @@ batch's keys replace the oldest in the queue, then the key encoder moves toward 
 The queue is a buffer of this module's state_dict (with its write position), so a checkpoint resumes it exactly;
 it starts as unit vectors drawn from a fixed seed, the same on every rank. Under DDP each rank enqueues the keys of
 every rank (all-gathered, ranks in order), so all ranks hold the same queue; a rank's own queries are its anchors.
+(DDP's default broadcast_buffers also copies rank 0's queue to the others before each forward: 2 MB a step at the
+defaults, and the ranks cannot drift apart even by rounding.)
 
 Shuffled BN, and what stands in for it: MoCo shuffles the key batch across GPUs because BatchNorm's batch
 statistics let a query find its key through what their batch shares instead of through the image (He et al.
