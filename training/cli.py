@@ -67,7 +67,7 @@ def _export_parser() -> argparse.ArgumentParser:
         prog="openmind-train export",
         description="Write a stage's weights with the nnssl adaptation plan nnU-Net's ResEnc fine-tuning reads; "
         "the weights are checked by a strict load into a fresh network before anything is written. A stage whose "
-        "objective trains the encoder alone (voco, simclr, yaware) exports the encoder alone.",
+        "objective trains the encoder alone (voco, simclr, yaware, moco, regress) exports the encoder alone.",
     )
     p.add_argument("run", type=existing_dir, help="run folder written by openmind-train")
     p.add_argument("-o", "--output", required=True, type=existing_parent, help="file to write, e.g. encoder.pt")
@@ -132,7 +132,11 @@ def _export(args: argparse.Namespace) -> int:
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
     except Exception as e:  # a damaged or foreign file fails in many ways; all mean the same here
         raise ConfigError(f"{weights}: not the weights of {cfg['model']} ({type(e).__name__}: {e})") from None
-    decoder = "trained" if trains_decoder(objective) else "nnunet_init" if args.plans else "omitted"
+    try:
+        trained = trains_decoder(objective, stages[name].get("options", {}))
+    except ConfigError as e:
+        raise ConfigError(f"{args.run}/config.json: stage {name!r}: {e}") from None
+    decoder = "trained" if trained else "nnunet_init" if args.plans else "omitted"
     try:
         spacing = stage_spacing(pd.read_parquet(Path(args.run) / f"{name}_manifest.parquet", columns=["spacing"]))
     except (OSError, ValueError, KeyError):  # a run folder from before stages recorded their manifest

@@ -2,10 +2,12 @@
 
 A recipe is `[run]` plus one `[[stages]]` table per stage (VoCo, then MAE); each stage names its data
 as a manifest query (manifest + preset/min_quality, less the ids of its `exclude` flags tables, which are read
-when the recipe loads) and its objective, whose own settings sit in the stage's `options` table
-(training.objectives). Overrides address `run.KEY`, `stages.NAME.KEY` or
-`stages.NAME.options.KEY` / `stages.NAME.augment.KEY`.
-An unknown key or a value of the wrong type is an error naming it, raised before any work starts.
+when the recipe loads) and its objective, whose own settings sit in the stage's `options` table. Overrides address
+`run.KEY`, `stages.NAME.KEY` or `stages.NAME.options.KEY` / `stages.NAME.augment.KEY`.
+An unknown key or a value of the wrong type is an error naming it, raised before any work starts. This module sits
+below the objectives (they build their options with `build_dataclass` and `check_ranges`), so it leaves the
+`options` table to the registry above them: `training.objectives.objective_options` checks it, and
+`training.train.train` runs that on every stage before it reads a manifest or makes a folder.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from openmind_tools.loader import MAX_PATCH_EDGE
 @dataclass(frozen=True)
 class StageConfig:
     name: str
-    objective: str  # a name in training.objectives.OBJECTIVES: "voco", "mae", "simclr", "yaware"
+    objective: str  # a name in training.objectives.OBJECTIVES: "voco", "mae", "simclr", "yaware", "moco", ...
     manifest: str  # a manifest path/URL, or a query such as "mae8 of out/manifest.parquet"
     preset: str | None = None  # a named selection in manifests/ (mae8, all, ...)
     min_quality: int | None = None  # image_quality_score <= this (1 best .. 5 worst)
@@ -81,9 +83,6 @@ class StageConfig:
                 flagged_ids(self.exclude_paths)
             except ConfigError as e:
                 raise ConfigError(f"stages.{self.name}.exclude: {e}") from None
-        from training.objectives import objective_options  # here: the objectives import this module
-
-        objective_options(self)
 
     @property
     def exclude_paths(self) -> tuple[str, ...]:

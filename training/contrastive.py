@@ -132,7 +132,7 @@ def global_batch_loss(
     must pass the same n (the loader gives every rank the same batch sizes).
     """
     n = len(z) // 2
-    everyone, labels, rank = _gather(z, labels)
+    everyone, labels, rank = gather_rows(z, labels)
     anchors = rank * 2 * n + torch.arange(2 * n, device=z.device)
     loss = contrastive_loss(everyone, labels, pairs(len(everyone), n, z.device), anchors, temperature=temperature,
                             kernel=kernel, sigma=sigma)  # fmt: skip
@@ -205,12 +205,9 @@ def collapse_monitors(z: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _missing(labels: torch.Tensor) -> torch.Tensor:
-    return labels.isnan() if labels.is_floating_point() else labels < 0
-
-
-def _gather(z: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Every rank's rows (with gradient: torch.distributed.nn's all_gather), its labels alongside, and our rank."""
+def gather_rows(z: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Every rank's rows, ranks in order (with gradient: torch.distributed.nn's all_gather), its labels alongside,
+    and our rank; the rows themselves outside torchrun. Every rank must pass as many rows."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return z, labels, 0
     everyone = torch.cat(dist_fn.all_gather(z))
@@ -219,3 +216,7 @@ def _gather(z: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor,
         dist.all_gather(gathered, labels)
         labels = torch.cat(gathered)
     return everyone, labels, dist.get_rank()
+
+
+def _missing(labels: torch.Tensor) -> torch.Tensor:
+    return labels.isnan() if labels.is_floating_point() else labels < 0

@@ -25,6 +25,7 @@ from torch import nn
 
 from openmind_tools.errors import ConfigError
 from training.config import check_ranges
+from training.model import reconstruction_unet
 
 
 @dataclass(frozen=True)
@@ -84,13 +85,7 @@ class MAELoss(nn.Module):
             raise ConfigError(f"mask_ratio: expected in (0, 1), got {mask_ratio}")
         if block_size < 1:
             raise ConfigError(f"block_size: expected >= 1, got {block_size}")
-        if net.decoder.deep_supervision:
-            raise ConfigError("net: expected deep_supervision=False (MAE reconstructs one full-resolution output)")
-        # Without deep supervision only the last seg layer is used; freezing the others lets DDP wrap this
-        # module without find_unused_parameters (they are re-initialised downstream anyway).
-        for layer in net.decoder.seg_layers[:-1]:
-            layer.requires_grad_(False)
-        self.net = net
+        self.net = reconstruction_unet(net)
         self.mask_ratio = mask_ratio
         self.block_size = block_size
 

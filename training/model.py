@@ -152,6 +152,27 @@ class PooledProjection(nn.Module):
         return self.head(encoder_features(self.encoder, x).mean(dim=(2, 3, 4)))
 
 
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter: the slowly-moving copy
+    that VoCo v2's teacher and MoCo's key encoder are (both keep no buffers, so parameters are all there is)."""
+    for slow, fast in zip(teacher.parameters(), student.parameters(), strict=True):
+        slow.mul_(momentum).add_(fast.detach(), alpha=1.0 - momentum)
+
+
+def reconstruction_unet(net: ResidualEncoderUNet) -> ResidualEncoderUNet:
+    """`net` readied for an objective that trains the whole U-Net on one full-resolution output (MAE, Genesis).
+
+    Without deep supervision only the last seg layer is used; freezing the others lets DDP wrap the objective
+    without find_unused_parameters (they are re-initialised downstream anyway).
+    """
+    if net.decoder.deep_supervision:
+        raise ConfigError("net: expected deep_supervision=False (the objective reconstructs one full-resolution image)")
+    for layer in net.decoder.seg_layers[:-1]:
+        layer.requires_grad_(False)
+    return net
+
+
 def nnssl_pretrain_plan(
     patch_size: Sequence[int],
     spacing: Sequence[float] = (1.0, 1.0, 1.0),

@@ -1,4 +1,4 @@
-"""The training loop: VoCo then MAE (or SimCLR, y-aware) on ResEnc, from the stores, under torchrun.
+"""The training loop: VoCo then MAE (or any other objective) on ResEnc, from the stores, under torchrun.
 
 config -> distributed init (torchrun env; nccl on GPU, gloo on CPU) -> per stage: model, objective,
 optimizer, schedule, loader, GPU augmentation -> resume -> loop -> checkpoint, export, loss plot. Read top
@@ -63,7 +63,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False) -> Path
     out = Path(cfg.out)
     if resume and not (out / CHECKPOINT).is_file():  # before the lock: a refused resume creates nothing
         raise ConfigError(f"{out / CHECKPOINT}: nothing to resume")
-    selections = [_select(stage) for stage in cfg.stages]  # an empty stage fails before any folder is made
+    selections = [_select(stage) for stage in cfg.stages]  # a bad options table or an empty stage fails here
     with contextlib.ExitStack() as held:
         if master:
             held.enter_context(_exclusive(out))
@@ -202,6 +202,7 @@ def _run_stage(
     log = _Log(out / f"{stage.name}_log.csv", stage.name, step if state is not None else None) if master else None
     bar = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not master, unit="step")
     wait, steps, since, loss_sum = 0.0, 0, time.perf_counter(), torch.zeros((), device=device)
+    logs_sum: dict[str, torch.Tensor] = {}  # the objective's logs summed over the interval, as the loss is
     skipped, per_rank = 0, math.ceil(len(dataset.volumes) / world)  # volumes replaced in this interval
     while step < total_steps:
         skipped_in_epoch = 0
@@ -214,15 +215,18 @@ def _run_stage(
                                  "(the log names them)")  # fmt: skip
             loss, logs = train_step(t, augment, batch, generator, autocast, stage.grad_clip)
             step, steps, loss_sum = step + 1, steps + 1, loss_sum + loss.detach()
+            logs_sum = {key: logs_sum.get(key, 0.0) + value for key, value in logs.items()}
             if step % cfg.log_every == 0 or step == total_steps:
-                value = float(loss_sum) / steps  # the interval's mean loss: the one host sync per interval
+                value = float(loss_sum) / steps  # the interval's mean loss: the one host sync per interval on a rank
                 elapsed = time.perf_counter() - since
                 stall, patches_s = wait / elapsed, steps * stage.batch_size * world / elapsed
                 if master:
+                    means = {key: float(total) / steps for key, total in logs_sum.items()}  # and rank 0's logs
                     bar.set_postfix(loss=f"{value:.4f}", stall=f"{stall:.1%}", patches_s=f"{patches_s:.1f}")
                     log.write(step, value, t.scheduler.get_last_lr()[0], 1e3 * elapsed / steps, stall, patches_s,
-                              {"skipped_volumes": skipped, **{k: float(v) for k, v in logs.items()}})  # fmt: skip
+                              {"skipped_volumes": skipped, **means})  # fmt: skip
                 wait, steps, since, loss_sum = 0.0, 0, time.perf_counter(), torch.zeros((), device=device)
+                logs_sum = {}
                 skipped = 0
             bar.update()
             if step % cfg.checkpoint_every == 0 or step == total_steps:
@@ -317,7 +321,9 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def _select(stage: StageConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The stage's manifest query, resolved; selecting nothing is a ConfigError naming the stage."""
+    """The stage's manifest query, resolved, after its objective's options table is checked (the recipe's schema
+    leaves that table to the registry); either mistake, or selecting nothing, is a ConfigError naming the stage."""
+    wanted = objective_options(stage).metadata
     given = (("preset", stage.preset), ("min_quality", stage.min_quality), ("exclude", stage.exclude_paths or None))
     filters = {k: v for k, v in given if v is not None}
     with warnings.catch_warnings():
@@ -327,7 +333,6 @@ def _select(stage: StageConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
         raise ConfigError(
             f"stages.{stage.name}: {meta.get('query', 'the manifest')} of {stage.manifest} selects no volume"
         )
-    wanted = objective_options(stage).metadata
     try:  # the columns balance_by and the objective name must be in it, and hold what the objective needs
         if stage.balance_columns:
             balance_groups(rows, stage.balance_columns)
@@ -390,7 +395,8 @@ def _checkpoint(cfg, out, index, step, t: Trainable, augment, loader, generator,
 
 
 class _Log:
-    """A stage's log: STAGE_log.csv (one row per interval), TensorBoard scalars if installed, the loss plot."""
+    """A stage's log: STAGE_log.csv (one row per interval: its mean loss and objective logs), TensorBoard scalars if
+    installed, the loss plot."""
 
     def __init__(self, path: Path, stage: str, resumed_at: int | None = None) -> None:
         self.path, self.stage = path, stage

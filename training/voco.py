@@ -12,7 +12,7 @@ encoder bottleneck -> VoCo's 3-layer projection head, which keeps VoCo's BatchNo
 Trainer interface (shared with `training.mae.MAELoss`):
     objective = VoCoLoss(net, ...)               # owns net.encoder, the projection head and the frozen teacher
     loss, logs = objective(batch, generator)     # batch: "image" (B, 1, D, H, W) on device; other keys unused
-    loss.backward(); optimizer.step(); objective.after_step()   # after_step = ema_update(momentum)
+    loss.backward(); optimizer.step(); objective.after_step()   # after_step: training.model.ema_update
 `logs` maps names to detached 0-dim tensors. Build the optimizer from `objective.parameters()` (the teacher has
 requires_grad=False and never gets a gradient), wrap `objective` itself in DDP (all its trainable parameters are
 used every step), call `after_step` on the unwrapped module, and checkpoint `objective.state_dict()` so head and
@@ -31,7 +31,7 @@ from torch import nn
 
 from openmind_tools.errors import ConfigError
 from training.config import check_ranges
-from training.model import PooledProjection
+from training.model import PooledProjection, ema_update
 
 
 @dataclass(frozen=True)
@@ -162,15 +162,9 @@ class VoCoLoss(nn.Module):
         logs = {"voco_pos": positive.detach(), "voco_neg": negative.detach(), "voco_reg": regulariser.detach()}
         return loss, logs
 
-    @torch.no_grad()
-    def ema_update(self, momentum: float) -> None:
-        """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
-        for teacher, student in zip(self.teacher.parameters(), self.student.parameters(), strict=True):
-            teacher.mul_(momentum).add_(student.detach(), alpha=1.0 - momentum)
-
     def after_step(self) -> None:
         """Call after each optimizer step: moves the teacher toward the student by the configured momentum."""
-        self.ema_update(self.momentum)
+        ema_update(self.teacher, self.student, self.momentum)
 
 
 def _relu_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,8 @@ def _args(demo_out: Path, run: Path, *extra: str) -> list[str]:
         ("--stages.mae.options={mask_ratio=0.5, block=8}", "stages.mae.options: unknown key(s) ['block']"),
         (
             '--stages.voco.objective="byol"',
-            "stages.voco.objective: expected one of ['mae', 'simclr', 'voco', 'yaware']",
+            "stages.voco.objective: expected one of ['genesis', 'mae', 'moco', 'multitask', 'regress', 'simclr', "
+            "'voco', 'yaware']",
         ),
         ("--stages.voco.balance_by=[]", "stages.voco.balance_by: expected a column name"),
         ('--run.model="resenc_xl"', "run.model: expected one of ['resenc_l', 'resenc_tiny']"),

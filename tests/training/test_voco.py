@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.model import resenc_tiny
+from training.model import ema_update, resenc_tiny
 from training.voco import VoCoLoss, extract_crops, sample_crops
 
 MNI_T1 = Path(nilearn.__file__).parent / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -83,7 +83,7 @@ def test_ema_update_follows_the_momentum_formula():
     student = [p.clone() for p in objective.student.parameters()]
     assert any(not torch.equal(t, s) for t, s in zip(teacher_before, student, strict=True))
 
-    objective.ema_update(0.75)
+    ema_update(objective.teacher, objective.student, 0.75)
     for t_after, t_before, s in zip(objective.teacher.parameters(), teacher_before, student, strict=True):
         torch.testing.assert_close(t_after, 0.75 * t_before + 0.25 * s)
     for s_after, s in zip(objective.student.parameters(), student, strict=True):
