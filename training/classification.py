@@ -3,7 +3,8 @@
 SSL_MRI's protocol (AD vs CN with the encoder unfrozen), at CPU size: folds grouped by subject, K subjects of
 each class drawn from a fold's training side, the pretrained encoder and its from-scratch twin trained alike
 (same draws, recipe, steps and seeds), scored on the fold's test side by balanced accuracy and macro AUC. The
-head reads the global average pool of every encoder stage, concatenated: the features the linear probes read.
+head reads the global average pool of every encoder stage, concatenated: the features the linear probes read,
+standardised by the training volumes' statistics as the probes' scaler does (`EncoderClassifier`).
 A continuous column becomes classes at `bins` edges (age 55 -> "<55", ">=55"). Volumes are (X, Y, Z) float16 as
 the stores hold them; training crops are random (and flipped), test crops central.
 """
@@ -27,15 +28,37 @@ from training.segmentation import padded
 
 
 class EncoderClassifier(nn.Module):
-    """A ResEnc encoder and a linear layer on its stages' pooled features."""
+    """A ResEnc encoder and a linear layer on its stages' pooled features, standardised.
+
+    Pooled InstanceNorm features vary little between volumes next to their mean (on the cohort a feature's mean is
+    25-44 times its spread across volumes), so a linear layer on them as they are starts with the same logits for
+    every input and, in a short fine-tune, predicts one class for all. `standardise` centres and scales each
+    feature by the training volumes' statistics under the starting encoder, as the linear probe's StandardScaler
+    does; the statistics then stay fixed while the encoder trains.
+    """
 
     def __init__(self, encoder: nn.Module, classes: int) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(sum(int(c) for c in encoder.output_channels), classes)
+        width = sum(int(c) for c in encoder.output_channels)
+        self.head = nn.Linear(width, classes)
+        self.register_buffer("center", torch.zeros(width))
+        self.register_buffer("scale", torch.ones(width))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([stage.mean(dim=(2, 3, 4)) for stage in self.encoder(x)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.cat([stage.mean(dim=(2, 3, 4)) for stage in self.encoder(x)], dim=1))
+        return self.head((self.features(x) - self.center) / self.scale)
+
+    @torch.inference_mode()
+    def standardise(self, crops: Sequence[np.ndarray], device: torch.device) -> None:
+        """Set `center` and `scale` to the mean and std (floored at 1e-6) of the features of `crops` (P, P, P)."""
+        self.to(device).eval()
+        found = torch.cat([self.features(torch.from_numpy(np.stack(crops[i : i + 4]))[:, None].to(device)).float()
+                           for i in range(0, len(crops), 4)])  # fmt: skip
+        self.center.copy_(found.mean(dim=0))
+        self.scale.copy_(found.std(dim=0, unbiased=False).clamp_min(1e-6))
 
 
 class ClassificationTask:
@@ -90,6 +113,10 @@ class ClassificationTask:
         if encoder_state is not None:
             model.encoder.load_state_dict(encoder_state, strict=True)
         return model
+
+    def start(self, model: nn.Module, train: list[int], patch: int, device: torch.device) -> None:
+        """Standardise the head's features by the training volumes' central crops (`EncoderClassifier`)."""
+        model.standardise([_centre(self.images[i], patch) for i in train], device)
 
     def batch(self, train: list[int], rng: np.random.Generator, size: int, patch: int) -> tuple[torch.Tensor, ...]:
         """Class-balanced draws: a class, then one of its training volumes, a random flipped crop of it."""

@@ -62,6 +62,9 @@ class SegmentationTask:
             net.encoder.load_state_dict(encoder_state, strict=True)
         return net
 
+    def start(self, model: nn.Module, train: list[int], patch: int, device: torch.device) -> None:
+        """Nothing to ready: the U-Net's decoder is new and its normalisation per sample."""
+
     def batch(self, train: list[int], rng: np.random.Generator, size: int, patch: int) -> tuple[torch.Tensor, ...]:
         images, labels = [], []
         for _ in range(size):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from nilearn.datasets import MNI152_FILE_PATH
 
+from training.classification import EncoderClassifier
 from training.embed import load_encoder
 from training.eval_cli import main
 from training.finetune import encoder_checksum
@@ -142,3 +143,20 @@ def test_an_export_records_the_spacing_its_stage_trained_at() -> None:
     rows = pd.DataFrame({"spacing": [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0], [1.0, 1.0, 1.0]]})
     assert stage_spacing(rows) == (2.0, 2.0, 2.0)  # a fine-tuning reads its dataset at this spacing
     assert stage_spacing(pd.DataFrame({"id": ["a"]})) == (1.0, 1.0, 1.0)
+
+
+def test_the_classifier_head_reads_its_features_standardised_by_the_training_crops() -> None:
+    """Pooled InstanceNorm features barely vary next to their mean; unscaled, a short fine-tune predicts one class."""
+    torch.manual_seed(0)
+    model = EncoderClassifier(resenc_tiny().encoder, classes=2)
+    rng = np.random.default_rng(0)
+    crops = [rng.normal(size=(16, 16, 16)).astype(np.float32) * (1 + i) + i for i in range(6)]
+    batch = torch.from_numpy(np.stack(crops))[:, None]
+    with torch.no_grad():
+        raw = model.features(batch)
+        model.standardise(crops, torch.device("cpu"))
+        standard = (model.features(batch) - model.center) / model.scale
+        assert torch.allclose(model(batch), model.head(standard))
+    assert (raw.mean(0).abs() / raw.std(0) > 3).float().mean() > 0.5  # the shared part dominates as they come
+    assert torch.allclose(standard.mean(0), torch.zeros(standard.shape[1]), atol=1e-4)
+    assert torch.allclose(standard.std(0, unbiased=False), torch.ones(standard.shape[1]), atol=1e-3)
