@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Does pretraining help? The README's cohort tables, end to end on a CPU machine (about 3 h on 2 cores):
+# Does pretraining help? The README's cohort tables, end to end on a CPU machine (about 3.5 h on 2 cores):
 # the synthetic cohort -> its store at 2 mm -> MAE, VoCo, y-aware from fresh encoders -> linear probes of age,
 # brain and lesion volume -> few-shot segmentation (MAE vs scratch) and age-group classification (y-aware
 # vs scratch). Every number it prints is a measurement of this run; nothing is tuned to make a method win.
-#   bash benchmarks/cohort_gain.sh [OUT]            (default cohort/; each step skips what OUT already holds)
+#   bash benchmarks/cohort_gain.sh [OUT]   (default cohort/; corpus, store, raw dataset and pretraining are skipped where OUT holds them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-cohort}
