@@ -3,6 +3,7 @@ FIFOs, a full disk, damaged stores healed by `verify --repair`, bad arguments.""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import http.server
 import os
@@ -229,22 +230,35 @@ def test_bad_arguments_exit_2_naming_the_argument(demo_corpus: Path, tmp_path: P
     assert not (tmp_path / "out").exists() and not (tmp_path / "no").exists()
 
 
-def _serve(greeting: bytes) -> tuple[socket.socket, list[socket.socket]]:
-    """A port that accepts connections, sends `greeting` and then nothing more."""
+@contextlib.contextmanager
+def _serve(greeting: bytes) -> Iterator[int]:
+    """A port that accepts connections, sends `greeting` and then nothing more; every socket is closed on exit,
+    after the accepting thread has stopped (closing under a thread mid-accept leaks the socket it returns)."""
     server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.05)
     held: list[socket.socket] = []
+    stop = threading.Event()
 
     def accept() -> None:
-        while True:
+        while not stop.is_set():
             try:
                 conn = server.accept()[0]
-            except OSError:
-                return
-            conn.sendall(greeting)
+            except TimeoutError:
+                continue
             held.append(conn)
+            with contextlib.suppress(OSError):  # the probe may have hung up already
+                conn.sendall(greeting)
 
-    threading.Thread(target=accept, daemon=True).start()
-    return server, held
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+        for conn in held:
+            conn.close()
 
 
 @pytest.fixture
@@ -261,11 +275,9 @@ def test_a_scheduler_address_that_never_answers_or_is_no_dask_is_exit_2_within_t
     demo_corpus: Path, tmp_path: Path, http_port: int, monkeypatch, capsys
 ) -> None:
     monkeypatch.setattr(parallel, "HANDSHAKE_S", 1.0)
-    silent, banner = _serve(b""), _serve(b"SSH-2.0-OpenSSH_9.2\r\n")
-    cases = [(silent[0].getsockname()[1], "no dask scheduler answered within 1 s"),
-             (http_port, "no dask scheduler answered within 1 s"),
-             (banner[0].getsockname()[1], "is not a dask scheduler")]  # fmt: skip
-    try:
+    with _serve(b"") as silent, _serve(b"SSH-2.0-OpenSSH_9.2\r\n") as banner:
+        silence = "no dask scheduler answered within 1 s"
+        cases = [(silent, silence), (http_port, silence), (banner, "is not a dask scheduler")]
         for port, message in cases:
             for argv in ([str(demo_corpus), str(tmp_path / "out")], ["verify", str(tmp_path)]):
                 start = time.monotonic()
@@ -273,11 +285,6 @@ def test_a_scheduler_address_that_never_answers_or_is_no_dask_is_exit_2_within_t
                 assert time.monotonic() - start < 10
                 err = capsys.readouterr().err
                 assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    finally:
-        for server, held in (silent, banner):
-            server.close()
-            for conn in held:
-                conn.close()
 
 
 def test_a_stored_sample_that_is_a_folder_is_a_store_error(tmp_path: Path) -> None:
