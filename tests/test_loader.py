@@ -9,9 +9,6 @@ import logging
 import math
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +20,7 @@ import pytest
 import torch
 from loader_helpers import PATCH, SETTINGS_HASH, mni_volumes, rewrite_manifest, write_store
 from nibabel.testing import data_path
+from torchrun_helpers import two_ranks
 
 from openmind_tools import loader_stages, zarr_store
 from openmind_tools.errors import ConfigError, StoreError
@@ -80,15 +78,9 @@ def test_split_stages_partition_a_padded_list() -> None:
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_two_workers_cover_each_volume_once(store16: Path, store18: Path, tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     runs = [f"{m}:{s}" for m in (store16 / "manifest.parquet", store18 / "manifest.parquet") for s in STORES]
     script = Path(__file__).with_name("torchrun_split.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={port}", str(script), str(tmp_path), "2", *runs]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env)
+    done = two_ranks(str(script), str(tmp_path), "2", *runs, timeout=150)
     assert done.returncode == 0, done.stderr[:6000]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for index, run in enumerate(runs):

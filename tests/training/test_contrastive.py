@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torchrun_contrastive import GLOBAL, SIGMA, TEMPERATURE, global_batch
+from torchrun_helpers import two_ranks
 
 from openmind_tools.errors import ConfigError
 from training.contrastive import ContrastiveLoss, contrastive_loss, pairs
@@ -141,14 +138,7 @@ def test_collapsed_embeddings_show_in_the_monitors() -> None:
 
 @pytest.mark.slow
 def test_the_gathered_loss_of_two_ranks_is_the_loss_of_their_global_batch(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = Path(__file__).parents[1] / "torchrun_contrastive.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={port}", str(script), str(tmp_path)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    done = two_ranks(str(Path(__file__).parents[1] / "torchrun_contrastive.py"), str(tmp_path), timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     first, second, labels = global_batch()

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from torchrun_helpers import two_ranks
 from torchrun_moco import GLOBAL, LR, OPTIONS, STEPS, build, global_views
 
 import training.train
@@ -84,15 +81,7 @@ def test_a_step_enqueues_its_keys_then_moves_the_key_encoder() -> None:
 
 @pytest.mark.slow
 def test_two_ranks_hold_the_queue_of_their_global_batch(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = Path(__file__).parents[1] / "torchrun_moco.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={port}", str(script), str(tmp_path)]  # fmt: skip
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    done = two_ranks(str(Path(__file__).parents[1] / "torchrun_moco.py"), str(tmp_path), timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0]["queue"] == ranks[1]["queue"] and ranks[0]["position"] == ranks[1]["position"]  # bit for bit

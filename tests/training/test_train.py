@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from torchrun_helpers import two_ranks
 
 from training.cli import main
 from training.eval_cli import main as eval_main
@@ -30,10 +31,9 @@ def _args(demo_out: Path, run: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_torchrun_two_ranks_runs_both_stages_and_exports(demo_out: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m",
-           "training", *_args(demo_out, run, "--stages.voco.max_steps=3", "--stages.mae.max_steps=3",
-                              "--stages.voco.num_workers=0", "--stages.mae.num_workers=0")]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = two_ranks("-m", "training", *_args(demo_out, run, "--stages.voco.max_steps=3", "--stages.mae.max_steps=3",
+                                              "--stages.voco.num_workers=0", "--stages.mae.num_workers=0"),
+                     timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     for stage in ("voco", "mae"):
         log = pd.read_csv(run / f"{stage}_log.csv")
@@ -137,11 +137,9 @@ def test_the_yaware_demo_stage_learns_without_collapsing(demo_out: Path, tmp_pat
 @pytest.mark.slow
 def test_torchrun_two_ranks_run_the_yaware_stage_with_balanced_draws(demo_out: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
-           "training", *_contrastive_args(demo_out, run, "--stages.simclr.max_steps=0", "--stages.yaware.max_steps=2",
-                                          "--stages.yaware.num_workers=0", "--run.log_every=1",
-                                          "--stages.yaware.balance_by=\"dataset\"")]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    done = two_ranks("-m", "training", *_contrastive_args(
+        demo_out, run, "--stages.simclr.max_steps=0", "--stages.yaware.max_steps=2", "--stages.yaware.num_workers=0",
+        "--run.log_every=1", "--stages.yaware.balance_by=\"dataset\""), timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     log = pd.read_csv(run / "yaware_log.csv")
     assert list(log["step"]) == [1, 2] and torch.isfinite(torch.tensor(log["loss"].to_numpy())).all()
