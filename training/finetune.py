@@ -109,6 +109,7 @@ def finetune(
     entries = _entries(encoders)
     total = sum(len(task.draws(k, s)) for k in settings.shots for s in range(settings.seeds)) * len(entries)
     bar = tqdm(total=total, desc=f"finetune {task.name}", unit="run", disable=not progress)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for shots in settings.shots:
         for seed in range(settings.seeds):
@@ -123,6 +124,7 @@ def finetune(
                     rows.append({"encoder": label, "source": source, "shots": shots, "seed": seed, "split": split,
                                  "train_volumes": len(train), "test_volumes": len(test), **scores,
                                  "start_encoder": started, "seconds": time.perf_counter() - start})  # fmt: skip
+                    pd.DataFrame(rows).to_csv(out / "finetune.csv", index=False)  # a killed run keeps what it finished
                     bar.update()
     bar.close()
     recorded = {**asdict(settings), "patch_size": patch, "device": device.type, "sources": [e.source for e in encoders]}

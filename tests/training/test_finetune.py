@@ -78,6 +78,29 @@ def test_segmentation_runs_start_from_the_export_and_scratch_does_not(
     assert "| mean_dice | 2 |" in (out / "finetune.md").read_text() and (out / "finetune.png").stat().st_size > 5000
 
 
+def test_a_fine_tune_killed_midway_keeps_the_runs_it_finished(
+    dataset: Path, export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training.segmentation import SegmentationTask
+
+    score, calls = SegmentationTask.score, []
+
+    def dies_on_the_second(self, *args, **kwargs):  # noqa: ANN001, ANN202 - the wrapped method's signature
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return score(self, *args, **kwargs)
+
+    monkeypatch.setattr(SegmentationTask, "score", dies_on_the_second)
+    out = tmp_path / "ft"
+    argv = ["finetune", str(export), "--dataset", str(dataset), "-o", str(out), "--shots", "1", "--seeds", "1",
+            "--steps", "1", "--test-subjects", "2", "--patch-size", "32", "--no-progress"]  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    runs = pd.read_csv(out / "finetune.csv")
+    assert list(runs["encoder"]) == ["tiny"] and runs["mean_dice"].between(0, 1).all()
+
+
 def test_classification_fine_tunes_the_encoder_on_a_manifest_column(demo_out: Path, export: Path,
                                                                     tmp_path: Path) -> None:  # fmt: skip
     out = tmp_path / "cls"
