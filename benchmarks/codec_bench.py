@@ -79,7 +79,7 @@ def prepare(image: SourceImage, nnssl_dir: Path, name: str) -> Case:
     start = time.process_time()
     nbytes = write_case(nnssl_dir, name, volume)
     write_ms = 1e3 * (time.process_time() - start)
-    return Case(volume, sum(p.stat().st_size for p in sources), nbytes, write_ms)
+    return Case(volume, sum(os.path.getsize(p) for p in sources), nbytes, write_ms)
 
 
 def blosc_costs(array: np.ndarray, cname: str, clevel: int, shuffle: int, repeats: int) -> dict[str, float]:

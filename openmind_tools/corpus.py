@@ -9,15 +9,18 @@ BIDS suffix, and masks come from the sibling `X__Data/{fb_mask,deface_mask}.nii.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from openmind_tools.errors import ConfigError
+from openmind_tools.errors import ConfigError, MachineError
 from openmind_tools.modalities import canonical_modalities
+from openmind_tools.storage import Place, transport_error
 
 CSV_NAME = "openneuro_metadata.csv"
 IMAGE_DIR = "OpenMind"
@@ -28,9 +31,9 @@ _IMAGE_FOLDERS = ("anat", "dwi")
 @dataclass(frozen=True)
 class SourceImage:
     id: str  # relative path without extension, e.g. ds001486/sub-001/ses-T1/anat/sub-001_ses-T1_T1w
-    image: Path
-    anatomy_mask: Path | None
-    deface_mask: Path | None
+    image: str  # the file's path on the corpus's filesystem (`Corpus.root.fs`): a local path, or bucket/key
+    anatomy_mask: str | None
+    deface_mask: str | None
     modality: str
     dataset: str
     subject: str
@@ -49,18 +52,36 @@ class Rejected:
 
 @dataclass(frozen=True)
 class Corpus:
-    root: Path
+    root: Place
     images: list[SourceImage]
     table: pd.DataFrame  # one row per image, indexed by id: every CSV column, unchanged
     rejected: list[Rejected]  # repeated rows, paths that leave the image folder
 
 
-def discover(root: str | Path, modalities: Sequence[str] | None = None, limit: int | None = None) -> Corpus:
-    """List the corpus's images, optionally only some modalities and the first `limit` (sorted by id)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"{root}: not a directory")
-    corpus = _from_csv(root) if (root / CSV_NAME).is_file() else _from_tree(root)
+def discover(
+    root: str | Path | Place,
+    modalities: Sequence[str] | None = None,
+    limit: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Corpus:
+    """List the corpus's images, optionally only some modalities and the first `limit` (sorted by id).
+
+    `root` is a folder or an fsspec URL (`s3://bucket/openmind`, with `storage_options`): the CSV is read and the
+    tree listed through its filesystem, and the images keep their paths there for the workers to read."""
+    root = root if isinstance(root, Place) else Place.of(root, storage_options)
+    try:
+        if not root.is_dir():
+            raise ConfigError(f"{root}: not a directory")
+        corpus = _from_csv(root) if (root / CSV_NAME).is_file() else _from_tree(root)
+    except ConfigError:
+        raise
+    except Exception as e:
+        if transport_error(e):
+            raise MachineError(f"{root}: the object store failed while listing the corpus ({type(e).__name__}: {e}); "
+                               "check the endpoint, the network and the credentials") from None  # fmt: skip
+        if isinstance(e, OSError):
+            raise ConfigError(f"{root}: cannot list the corpus ({type(e).__name__}: {e})") from None
+        raise
     images = corpus.images
     if modalities:
         wanted = set(canonical_modalities(modalities, present=sorted({i.modality for i in images})))
@@ -83,9 +104,9 @@ def volume_id(relative_path: str) -> str:
     return path
 
 
-def _from_csv(root: Path) -> Corpus:
+def _from_csv(root: Place) -> Corpus:
     csv = root / CSV_NAME
-    table = pd.read_csv(csv, low_memory=False)
+    table = pd.read_csv(io.BytesIO(csv.read_bytes()), low_memory=False)
     for column in ("image_path", "modality"):
         if column not in table.columns:
             raise ConfigError(f"{csv}: required column {column!r} missing (found {list(table.columns)})")
@@ -117,14 +138,14 @@ def _leaves(row: dict, columns: tuple[str, ...]) -> str:
     return ""
 
 
-def _image(base: Path, vid: str, row: dict) -> SourceImage:
-    def mask(column: str) -> Path | None:
+def _image(base: Place, vid: str, row: dict) -> SourceImage:
+    def mask(column: str) -> str | None:
         value = row.get(column)
-        return base / str(value) if isinstance(value, str) and value.strip() else None
+        return (base / value).path if isinstance(value, str) and value.strip() else None
 
     return SourceImage(
         id=vid,
-        image=base / str(row["image_path"]),
+        image=(base / str(row["image_path"])).path,
         anatomy_mask=mask("anat_mask_path"),
         deface_mask=mask("anon_mask_path"),
         modality=str(row["modality"]),
@@ -132,34 +153,37 @@ def _image(base: Path, vid: str, row: dict) -> SourceImage:
     )
 
 
-def _from_tree(root: Path) -> Corpus:
+def _from_tree(root: Place) -> Corpus:
     base = root / IMAGE_DIR if (root / IMAGE_DIR).is_dir() else root
-    paths = sorted(
+    files = base.find()  # one listing, not a stat per mask: a request each on object storage
+    present = set(files)
+    paths = [
         p
-        for p in base.rglob("*.nii*")
-        if p.name.endswith((".nii", ".nii.gz"))
-        and p.parent.name.split("_")[0] in _IMAGE_FOLDERS
-        and not any(part.endswith("__Data") for part in p.relative_to(base).parts)
-    )
+        for p in files
+        if p.endswith((".nii", ".nii.gz"))
+        and PurePosixPath(p).parent.name.split("_")[0] in _IMAGE_FOLDERS
+        and not any(part.endswith("__Data") for part in PurePosixPath(base.relative(p)).parts)
+    ]
     if not paths:
         raise ConfigError(f"{root}: no {CSV_NAME} and no .nii/.nii.gz images under anat/ or dwi/ folders")
     images = []
     for path in paths:
-        vid = volume_id(str(path.relative_to(base)))
-        masks = path.parent / f"{Path(vid).name}__Data"
+        vid = volume_id(base.relative(path))
+        masks = f"{PurePosixPath(path).parent}/{PurePosixPath(vid).name}__Data"
         images.append(
             SourceImage(
                 id=vid,
                 image=path,
-                anatomy_mask=_existing(masks / ANATOMY_MASK),
-                deface_mask=_existing(masks / DEFACE_MASK),
-                modality=Path(vid).name.rsplit("_", 1)[-1],
+                anatomy_mask=_existing(f"{masks}/{ANATOMY_MASK}", present),
+                deface_mask=_existing(f"{masks}/{DEFACE_MASK}", present),
+                modality=PurePosixPath(vid).name.rsplit("_", 1)[-1],
                 **_bids_entities(vid),
             )
         )
+    images.sort(key=lambda i: i.id)
     table = pd.DataFrame(
         {
-            "image_path": [str(i.image.relative_to(base)) for i in images],
+            "image_path": [base.relative(i.image) for i in images],
             "modality": [i.modality for i in images],
         },
         index=pd.Index([i.id for i in images], name="id"),
@@ -173,5 +197,5 @@ def _bids_entities(vid: str) -> dict[str, str | None]:
     return {"dataset": parts[0], "subject": parts[1] if len(parts) > 2 else "", "session": session}
 
 
-def _existing(path: Path) -> Path | None:
-    return path if path.is_file() else None
+def _existing(path: str, present: set[str]) -> str | None:
+    return path if path in present else None

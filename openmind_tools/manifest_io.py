@@ -1,6 +1,6 @@
 """Read and write manifest tables: parquet with the conversion settings in its key-value metadata.
 
-Writes go to a temporary name and are renamed, so a reader never sees half a manifest. The metadata
+Writes are whole (`storage.Place.writer`), so a reader never sees half a manifest. The metadata
 (settings, settings hash, formats, and for a query its text and row count) travels with the rows, so a
 sub-manifest written by a query still tells the loader how its stores were made.
 """
@@ -11,28 +11,30 @@ import json
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from openmind_tools.files import atomic_write
+from openmind_tools.storage import Place
 
 META_KEY = b"openmind"
 MANIFEST, ERRORS = "manifest.parquet", "errors.parquet"  # the file names inside a conversion's OUT
 
 
-def write_table(df: pd.DataFrame, path: str | Path, meta: dict[str, Any]) -> None:
-    path = Path(path)
+def write_table(df: pd.DataFrame, path: str | Path | Place, meta: dict[str, Any]) -> None:
+    """Write `df` whole: a local file is renamed into place, an object appears when its upload completes."""
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
-    with atomic_write(path) as f:
+    with Place.of(path).writer() as f:
         pq.write_table(table, f)
 
 
-def read_table(path: str | Path, storage_options: dict[str, Any] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+def read_table(
+    path: str | Path | Place, storage_options: dict[str, Any] | None = None
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The rows and the project metadata of a manifest (local path or fsspec URL such as s3://...)."""
-    with fsspec.open(str(path), "rb", **(storage_options or {})) as f:
+    place = Place.of(path, storage_options)
+    with place.fs.open(place.path, "rb") as f:
         table = pq.read_table(f)
     raw = (table.schema.metadata or {}).get(META_KEY)
     return table.to_pandas(), json.loads(raw) if raw else {}

@@ -67,7 +67,7 @@ def write_dataset(
         case = f"{image.dataset}_{image.subject}"
         if image.modality != modality or not isinstance(cell, str) or not cell.strip() or case in cases:
             continue
-        cases[case] = (image.image, Path(root) / IMAGE_DIR / cell)
+        cases[case] = (Path(image.image), Path(root) / IMAGE_DIR / cell)
     if not cases:
         raise ConfigError(f"{root}: no {modality} image has a label map in column {label_column!r}")
     folder = Path(out) / f"Dataset{dataset_id:03d}_{name}"

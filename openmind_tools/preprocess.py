@@ -19,12 +19,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from fsspec.implementations.local import LocalFileSystem
 
 from openmind_tools.errors import ConfigError, InputError
 from openmind_tools.files import file_problem
+from openmind_tools.reads import with_retries
 from openmind_tools.volume import Volume, mask_code
 
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
@@ -83,23 +86,25 @@ def preprocess(
     deface_path: str | Path | None = None,
     settings: PreprocessSettings = PreprocessSettings(),
     label_path: str | Path | None = None,
+    fs: fsspec.AbstractFileSystem | None = None,
 ) -> Preprocessed:
     """Preprocess one image; raises InputError (naming the file) for anything that cannot be converted.
 
     `label_path` names a segmentation (integer classes 0-255 on the image's grid) that is resampled by nearest
-    neighbour and cropped exactly as the masks are: a fine-tuning target on the stored volume's voxels.
+    neighbour and cropped exactly as the masks are: a fine-tuning target on the stored volume's voxels. The paths
+    are on `fs` (an fsspec filesystem such as S3's; default local disk), read whole into memory.
     """
-    img = load_nifti(image_path, settings.volume_index)
+    img = load_nifti(image_path, settings.volume_index, fs)
     data = img.get_fdata(dtype=np.float32)
     shape, src_affine, zooms, src_dtype = img.shape[:3], img.affine, img.header.get_zooms()[:3], img.get_data_dtype()
     del img  # frees the file's bytes before the resampling copies: peak memory of a 512^3 volume
     _check_values(data, image_path)
     masks = {
-        name: _load_mask(path, shape, src_affine, image_path)
+        name: _load_mask(path, shape, src_affine, image_path, fs)
         for name, path in (("anatomy", anatomy_path), ("deface", deface_path))
         if path is not None
     }
-    label = None if label_path is None else _load_label(label_path, shape, src_affine, image_path)
+    label = None if label_path is None else _load_label(label_path, shape, src_affine, image_path, fs)
 
     ornt = nib.orientations.io_orientation(src_affine)  # to the closest RAS axes, as nibabel's canonical
     ras_affine = src_affine @ nib.orientations.inv_ornt_aff(ornt, shape)
@@ -153,13 +158,24 @@ def preprocess(
     return Preprocessed(Volume(image, code), meta, None if label is None else np.ascontiguousarray(label))
 
 
-def load_nifti(path: str | Path, volume_index: int | None = None) -> nib.Nifti1Image:
-    """Read a .nii/.nii.gz fully into memory, checking gzip integrity, and reduce it to one 3D volume."""
-    path = Path(path)
-    problem = file_problem(path)  # a FIFO would block the read forever
-    if problem:
-        raise InputError(f"{path}: {problem}")
-    raw = path.read_bytes()
+def load_nifti(
+    path: str | Path, volume_index: int | None = None, fs: fsspec.AbstractFileSystem | None = None
+) -> nib.Nifti1Image:
+    """Read a .nii/.nii.gz fully into memory, checking gzip integrity, and reduce it to one 3D volume.
+
+    On an object store (`fs`), a missing object is the input's fault (InputError); any other failure of the read is
+    retried, then raised as the OSError it is: the machine's, never blamed on the input."""
+    if fs is None or isinstance(fs, LocalFileSystem):
+        path = Path(path)
+        problem = file_problem(path)  # a FIFO would block the read forever
+        if problem:
+            raise InputError(f"{path}: {problem}")
+        raw = path.read_bytes()
+    else:
+        try:
+            raw = with_retries(lambda: fs.cat_file(str(path)), attempts=4, backoff_s=0.5, what=str(path))
+        except (FileNotFoundError, IsADirectoryError) as e:
+            raise InputError(f"{fs.unstrip_protocol(str(path))}: file not found ({type(e).__name__})") from None
     if not raw:
         raise InputError(f"{path}: zero-byte file")
     if raw[:2] == b"\x1f\x8b":
@@ -202,9 +218,9 @@ def _to_3d(img: nib.Nifti1Image, path: Path, volume_index: int | None) -> nib.Ni
 
 
 def _load_aligned(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, image_path: str | Path,
-                  what: str) -> nib.Nifti1Image:  # fmt: skip
+                  what: str, fs: fsspec.AbstractFileSystem | None) -> nib.Nifti1Image:  # fmt: skip
     """A mask or label map, refused unless it lies on its image's grid."""
-    img = load_nifti(path)
+    img = load_nifti(path, fs=fs)
     if img.shape != shape:
         raise InputError(f"{path}: {what} shape {img.shape} differs from image {image_path} shape {shape}")
     if not np.allclose(img.affine, affine, atol=_AFFINE_TOL):
@@ -212,8 +228,9 @@ def _load_aligned(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, 
     return img
 
 
-def _load_label(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, image_path: str | Path) -> np.ndarray:
-    values = _load_aligned(path, shape, affine, image_path, "label map").get_fdata(dtype=np.float32)
+def _load_label(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, image_path: str | Path,
+                fs: fsspec.AbstractFileSystem | None) -> np.ndarray:  # fmt: skip
+    values = _load_aligned(path, shape, affine, image_path, "label map", fs).get_fdata(dtype=np.float32)
     _check_values(values, path, allow_constant=True)
     if values.min() < 0 or values.max() > 255 or not np.array_equal(values, np.round(values)):
         raise InputError(f"{path}: a label map holds whole classes 0-255, found values in [{values.min()}, "
@@ -221,8 +238,9 @@ def _load_label(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, im
     return values.astype(np.uint8)
 
 
-def _load_mask(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, image_path: str | Path) -> np.ndarray:
-    mask = _load_aligned(path, shape, affine, image_path, "mask")
+def _load_mask(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, image_path: str | Path,
+               fs: fsspec.AbstractFileSystem | None) -> np.ndarray:  # fmt: skip
+    mask = _load_aligned(path, shape, affine, image_path, "mask", fs)
     proxy = mask.dataobj
     if nib.is_proxy(proxy) and np.issubdtype(proxy.dtype, np.integer) and proxy.slope == 1 and proxy.inter == 0:
         return (proxy.get_unscaled() > 0).view(np.uint8)  # integer labels: no float copy of the whole mask

@@ -30,9 +30,9 @@ import numpy as np
 
 from openmind_tools.buffers import BufferPool
 from openmind_tools.errors import ConfigError, StoreError
-from openmind_tools.files import atomic_write
 from openmind_tools.manifest_io import whole_number
 from openmind_tools.reads import Buffer, Reader
+from openmind_tools.storage import Place
 from openmind_tools.volume import Volume, VolumeRef, finite
 
 NAME = "wds"
@@ -72,15 +72,16 @@ def sample_nbytes(shape: Sequence[int]) -> int:
     return 3 * int(np.prod(shape))
 
 
-def write_shard(path: str | Path, samples: Iterable[tuple[str, Volume, dict[str, Any]]]) -> dict[str, Sample]:
-    """Write a whole shard under a temporary name and rename it; returns where each sample key went.
+def write_shard(path: str | Path | Place, samples: Iterable[tuple[str, Volume, dict[str, Any]]]) -> dict[str, Sample]:
+    """Write a whole shard (a local file under a temporary name, renamed; or one object, uploaded as it is packed);
+    returns where each sample key went.
 
     Tar headers are deterministic (mtime 0, uid 0), so a rerun writes the same bytes.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    place = Place.of(path)
+    place.parent.mkdir()
     sizes: dict[str, Sample] = {}
-    with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with place.writer() as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for volume_id, volume, meta in samples:
             key = sample_key(volume_id)
             arrays = (_npy(volume.image), _npy(volume.mask_code))

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -38,8 +39,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from openmind_tools.buffers import BufferPool
 from openmind_tools.errors import ConfigError, StoreError
-from openmind_tools.files import atomic_write_text, file_problem
+from openmind_tools.files import file_problem
 from openmind_tools.reads import Buffer, Reader
+from openmind_tools.storage import Place
 from openmind_tools.volume import Volume, VolumeRef, finite
 
 NAME = "zarr"
@@ -89,21 +91,40 @@ def _node_name(part: str) -> str:
 
 
 def write_volume(
-    root: str | Path, volume_id: str, volume: Volume, attrs: dict[str, Any], codec: str = DEFAULT_CODEC
+    root: str | Path | Place, volume_id: str, volume: Volume, attrs: dict[str, Any], codec: str = DEFAULT_CODEC
 ) -> int:
-    """Write one volume's group under a temporary name, then rename it into place; returns stored bytes.
+    """Write one volume's group so that no reader or resumed run sees half of it; returns stored bytes.
 
-    A reader (or a resumed run) never sees a half-written volume: either the rename happened or not.
-    Writing the chunks with numcodecs directly saves ~70 ms per volume of zarr's async write path; a
-    test reads them back through plain zarr.
+    On local disk the group is written under a temporary name, then renamed into place. An object store has no
+    rename: the group is built in this process's temporary folder and its objects are uploaded chunks first and
+    the group's zarr.json last, so `stored` (which needs every object) never counts a volume cut off mid-upload.
+    Writing the chunks with numcodecs directly saves ~70 ms per volume of zarr's async write path; a test reads
+    them back through plain zarr.
     """
     if codec not in CODECS:
         raise ConfigError(f"codec: expected one of {sorted(CODECS)}, got {codec!r}")
-    cname, clevel = CODECS[codec]
-    root = Path(root)
+    root = Place.of(root)
     final = root / group_path(volume_id)
-    tmp = _partial_dir(root) / uuid.uuid4().hex
-    group = zarr.create_group(store=str(tmp), attributes={**attrs, "store_format": STORE_FORMAT}, zarr_format=3)
+    if not root.local:
+        with tempfile.TemporaryDirectory(prefix="openmind-volume-") as staging:
+            nbytes = _encode_group(Path(staging), volume, attrs, codec)
+            arrays = [*CHUNKS.values(), *(f"{name}/zarr.json" for name in ARRAYS)]
+            root.fs.pipe({(final / n).path: Path(staging, n).read_bytes() for n in arrays})  # concurrent PUTs
+            root.fs.pipe_file((final / "zarr.json").path, Path(staging, "zarr.json").read_bytes())
+        return nbytes
+    staging = Path(_partial_dir(root)) / uuid.uuid4().hex
+    nbytes = _encode_group(staging, volume, attrs, codec)
+    Path(final.path).parent.mkdir(parents=True, exist_ok=True)
+    if os.path.exists(final.path):
+        shutil.rmtree(final.path)
+    os.replace(staging, final.path)
+    return nbytes
+
+
+def _encode_group(folder: Path, volume: Volume, attrs: dict[str, Any], codec: str) -> int:
+    """The volume's group as files in local `folder`; returns the chunks' bytes."""
+    cname, clevel = CODECS[codec]
+    group = zarr.create_group(store=str(folder), attributes={**attrs, "store_format": STORE_FORMAT}, zarr_format=3)
     nbytes = 0
     for (name, dtype), data in zip(ARRAYS.items(), (volume.image, volume.mask_code), strict=True):
         data = np.ascontiguousarray(data, dtype)
@@ -119,18 +140,12 @@ def write_volume(
             ),  # fmt: skip
             chunk_key_encoding={"name": "default", "separator": "/"},
         )
-        chunk = tmp / CHUNKS[name]
+        chunk = folder / CHUNKS[name]
         chunk.parent.mkdir(parents=True)
         mode = numcodecs.blosc.SHUFFLE if dtype.itemsize > 1 else numcodecs.blosc.NOSHUFFLE
         body = numcodecs.blosc.compress(data, cname.encode(), clevel, mode)
         chunk.write_bytes(body + google_crc32c.value(body).to_bytes(4, "little"))
         nbytes += chunk.stat().st_size
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if file_problem(root / "zarr.json") is not None:  # the store's format, which readers check first
-        write_hierarchy(root, ())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     return nbytes
 
 
@@ -265,35 +280,45 @@ def check_chunk(raw: Buffer, nbytes: int, itemsize: int, where: str) -> bytes:
     return body
 
 
-def write_hierarchy(root: str | Path, volume_ids: Iterable[str]) -> None:
+def write_hierarchy(root: str | Path | Place, volume_ids: Iterable[str]) -> None:
     """Group metadata for the store's root (with its format), `volumes/` and every folder above the volumes' groups,
     where it is missing: what makes the store a Zarr hierarchy that zarr-python and tensorstore list. Written by
-    the conversion's driver once its volumes are in place (two workers never race on one folder's metadata)."""
-    root = Path(root)
-    atomic_write_text(root / "zarr.json", _GROUP_METADATA % json.dumps({"store_format": STORE_FORMAT}))
+    the conversion's driver (the root's before the workers start, the folders' once the volumes are in place), so
+    two workers never race on one folder's metadata."""
+    root = Place.of(root)
+    (root / "zarr.json").write_bytes((_GROUP_METADATA % json.dumps({"store_format": STORE_FORMAT})).encode())
     for folder in missing_groups(root, volume_ids):
-        atomic_write_text(root / folder / "zarr.json", _GROUP_METADATA % "{}")
+        (root / folder / "zarr.json").write_bytes((_GROUP_METADATA % "{}").encode())
 
 
-def missing_groups(root: str | Path, volume_ids: Iterable[str]) -> list[str]:
-    """The folders between the store's root and the volumes' groups that lack group metadata (a stat each)."""
+def missing_groups(root: str | Path | Place, volume_ids: Iterable[str]) -> list[str]:
+    """The folders between the store's root and the volumes' groups that lack group metadata (a stat each on local
+    disk; one listing on an object store)."""
+    root = Place.of(root)
     folders = {str(Path(group_path(volume_id)).parent) for volume_id in volume_ids}
     for folder in list(folders):
         folders.update(str(parent) for parent in Path(folder).parents if str(parent) != ".")
-    return [folder for folder in sorted(folders) if file_problem(Path(root) / folder / "zarr.json") is not None]
+    if root.local:
+        return [folder for folder in sorted(folders) if file_problem(Path(root.path) / folder / "zarr.json")]
+    present = set(root.find())
+    return [folder for folder in sorted(folders) if (root / folder / "zarr.json").path not in present]
 
 
-def is_stored(root: str | Path, volume_id: str) -> bool:
-    """Whether the volume's group, arrays and chunks are all on local disk (a stat each, no read): a rerun's check
-    of its journal, so a volume whose metadata was deleted is converted again."""
-    base = Path(root) / group_path(volume_id)
-    files = ["zarr.json", *(f"{name}/zarr.json" for name in ARRAYS), *CHUNKS.values()]
-    return all(file_problem(base / name) is None for name in files)
+def stored(root: str | Path | Place, volume_ids: Iterable[str]) -> set[str]:
+    """Which of the volumes have their group, arrays and chunks all in the store: a resumed run's check of its
+    journal, so a volume whose metadata was deleted (or whose upload was cut off) is converted again. A stat per
+    object on local disk; one listing of the store on an object store (a request per 1,000 objects)."""
+    root = Place.of(root)
+    names = ["zarr.json", *(f"{name}/zarr.json" for name in ARRAYS), *CHUNKS.values()]
+    if root.local:
+        return {v for v in volume_ids if all(file_problem(f"{root.path}/{group_path(v)}/{n}") is None for n in names)}
+    present = set((root / "volumes").find())
+    return {v for v in volume_ids if all((root / group_path(v) / n).path in present for n in names)}
 
 
-def delete_volume(root: str | Path, volume_id: str) -> None:
+def delete_volume(root: str | Path | Place, volume_id: str) -> None:
     """Remove a (damaged) volume's group so the next run converts it again."""
-    shutil.rmtree(Path(root) / group_path(volume_id), ignore_errors=True)
+    (Place.of(root) / group_path(volume_id)).remove(recursive=True)
 
 
 def open_volume(root: str | Path, volume_id: str) -> zarr.Group:
@@ -301,13 +326,14 @@ def open_volume(root: str | Path, volume_id: str) -> zarr.Group:
     return zarr.open_group(store=str(root), path=group_path(volume_id), mode="r")
 
 
-def clean_partial(root: str | Path) -> None:
-    """Drop arrays a killed run left under their temporary names."""
-    shutil.rmtree(_partial_dir(root), ignore_errors=True)
+def clean_partial(root: str | Path | Place) -> None:
+    """Drop arrays a killed run left under their temporary names (local disk: an object store has none)."""
+    root = Place.of(root)
+    if root.local:
+        shutil.rmtree(_partial_dir(root), ignore_errors=True)
 
 
-def _partial_dir(root: str | Path) -> Path:
+def _partial_dir(root: Place) -> str:
     """Where volumes are written before their rename: beside the store, on its file system, but outside its
     hierarchy (zarr-python warns about a folder without metadata inside one)."""
-    root = Path(root)
-    return root.parent / f".{root.name}.partial"
+    return f"{root.parent.path}/.{root.name}.partial"

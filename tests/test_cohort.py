@@ -148,9 +148,9 @@ def test_age_widens_csf_shrinks_the_brain_and_adds_lesions_and_males_are_larger(
 def test_discover_and_convert_take_every_image_with_both_masks(root: Path, table: pd.DataFrame, tmp_path: Path) -> None:
     corpus = discover(root)
     assert len(corpus.images) == len(table) and not corpus.rejected
-    assert all(i.anatomy_mask and i.anatomy_mask.is_file() and i.deface_mask and i.deface_mask.is_file()
+    assert all(i.anatomy_mask and Path(i.anatomy_mask).is_file() and i.deface_mask and Path(i.deface_mask).is_file()
                for i in corpus.images)  # fmt: skip
-    assert all(i.anatomy_mask.name == "fb_mask.nii.gz" and i.deface_mask.name == "deface_mask.nii.gz"
+    assert all(Path(i.anatomy_mask).name == "fb_mask.nii.gz" and Path(i.deface_mask).name == "deface_mask.nii.gz"
                for i in corpus.images)  # fmt: skip
     summary = convert(
         root, tmp_path / "out", settings=PreprocessSettings(spacing=2.0), formats=["zarr"], progress=False

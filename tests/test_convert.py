@@ -307,7 +307,7 @@ def test_plain_bids_tree_without_csv(demo_corpus: Path, tmp_path: Path) -> None:
     assert len(corpus.images) == 7
     flair = next(i for i in corpus.images if i.id.endswith("ses-1_FLAIR"))
     assert flair.modality == "FLAIR" and flair.session == "ses-1"
-    assert flair.anatomy_mask.name == "fb_mask.nii.gz" and flair.deface_mask.name == "deface_mask.nii.gz"
+    assert flair.anatomy_mask.endswith("/fb_mask.nii.gz") and flair.deface_mask.endswith("/deface_mask.nii.gz")
     summary = convert(tmp_path / "bids", tmp_path / "out", limit=2, progress=False)
     assert summary.converted == 2
 

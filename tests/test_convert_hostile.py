@@ -78,7 +78,7 @@ def test_a_rerun_reconverts_a_volume_whose_group_metadata_was_deleted(tmp_path: 
     (out / "store.zarr" / first["zarr_array"] / "zarr.json").unlink()
     folder = out / "store.zarr" / Path(first["zarr_array"]).parent / "zarr.json"
     folder.unlink()  # zarr clients could no longer list the volumes below
-    assert [(p.volume_id, p.path) for p in verify(out, progress=False)] == [
+    assert [(p.volume_id, Path(p.path)) for p in verify(out, progress=False)] == [
         (first["id"], out / "store.zarr" / first["zarr_array"]),
         (None, folder),
     ]
@@ -162,7 +162,7 @@ def test_a_rerun_reconverts_deleted_samples_and_verify_repair_heals_damage(demo_
     shard.write_bytes(shard.read_bytes()[:5000])  # cut short
     damaged = verify(out, progress=False)
     assert {p.volume_id for p in damaged if p.store == "zarr"} == {second["id"]}
-    assert any(p.store == "wds" and p.path == shard for p in damaged)
+    assert any(p.store == "wds" and Path(p.path) == shard for p in damaged)
     assert main(["verify", str(out), "--repair", "--quiet"]) == 0
     assert verify(out, progress=False) == []
     after = pd.read_parquet(out / "manifest.parquet")

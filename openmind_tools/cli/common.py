@@ -124,6 +124,21 @@ def existing_dir(text: str) -> str:
     return text
 
 
+def is_url(text: str) -> bool:
+    """An fsspec URL (`s3://bucket/prefix`, `simplecache::s3://...`), not a local path; file:// counts as local."""
+    return ("://" in text or "::" in text) and not text.startswith("file://")
+
+
+def output_location(text: str) -> str:
+    """`output_dir`, or an fsspec URL (checked when it is opened, with its storage options)."""
+    return text if is_url(text) else output_dir(text.removeprefix("file://"))
+
+
+def existing_location(text: str) -> str:
+    """`existing_dir`, or an fsspec URL (checked when it is opened, with its storage options)."""
+    return text if is_url(text) else existing_dir(text.removeprefix("file://"))
+
+
 def _number(text: str, kind: type, ok: Callable, what: str):
     try:
         value = kind(text)

@@ -23,8 +23,10 @@ from openmind_tools.cli.common import (
     byte_size,
     dask_client,
     existing_dir,
+    existing_location,
     non_negative_int,
     output_dir,
+    output_location,
     positive_float,
     positive_int,
     run_command,
@@ -53,8 +55,11 @@ def _convert_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 all converted, 2 bad arguments, 3 some inputs failed (see OUT/errors.parquet), "
         "4 the machine failed (disk full, I/O error): fix it and rerun the same command.",
     )
-    p.add_argument("root", help="corpus root: the folder holding openneuro_metadata.csv and OpenMind/")
-    p.add_argument("out", type=output_dir, help="output folder (created); rerunning into it resumes")
+    p.add_argument("root", help="corpus root: the folder holding openneuro_metadata.csv and OpenMind/, or an fsspec "
+                   "URL such as s3://bucket/openmind (workers read it there)")  # fmt: skip
+    p.add_argument("out", type=output_location, help="output folder (created) or URL such as s3://bucket/converted; "
+                   "rerunning into it resumes")  # fmt: skip
+    _storage_options_argument(p)
     p.add_argument("--format", default="zarr,wds", help="comma-separated stores to write: zarr, wds (default both)")
     p.add_argument(
         "--workers", type=non_negative_int, default=2, help="local dask worker processes (0 = run in this process)"
@@ -86,6 +91,14 @@ def _convert_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _storage_options_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-options", metavar="JSON|FILE",
+                   help="options of the URLs' filesystem, as inline JSON or a .json/.toml file, e.g. "
+                        '\'{"endpoint_url": "http://minio:9000"}\' for S3-compatible storage; keep secrets in a file '
+                        "or the usual environment variables (AWS_ACCESS_KEY_ID ...): they are never printed or "
+                        "recorded")  # fmt: skip
+
+
 def _pair(text: str) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in text.split(","))
@@ -97,7 +110,9 @@ def _pair(text: str) -> tuple[float, float]:
 def _convert(args: argparse.Namespace) -> int:
     from openmind_tools.convert import convert
     from openmind_tools.corpus import discover
+    from openmind_tools.storage import load_storage_options
 
+    options = load_storage_options(args.storage_options)
     modalities = args.modalities.split(",") if args.modalities else None
     settings = PreprocessSettings(
         spacing=args.spacing,
@@ -107,7 +122,7 @@ def _convert(args: argparse.Namespace) -> int:
         volume_index=args.volume_index,
     )
     if args.dry_run:
-        corpus = discover(args.root, modalities=modalities, limit=args.limit)
+        corpus = discover(args.root, modalities=modalities, limit=args.limit, storage_options=options)
         for image in corpus.images:
             print(f"{image.id}\t{image.modality}\t{image.image}")
         print(f"{len(corpus.images)} images would be converted into {args.out} ({settings.digest()})")
@@ -126,6 +141,7 @@ def _convert(args: argparse.Namespace) -> int:
             retry_errors=args.retry_errors,
             progress=not args.quiet,
             codec=args.codec,
+            storage_options=options,
         )
     print(summary)
     return EXIT_FAILURES if summary.failed else EXIT_OK
@@ -140,7 +156,8 @@ def _verify_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 no problem (or all repaired), 2 bad arguments, 3 problems found (or left, or a row that "
         "could not be restored: its source is gone or fails to convert; its intact copies and row are kept).",
     )
-    p.add_argument("out", type=existing_dir, help="a folder written by openmind-convert")
+    p.add_argument("out", type=existing_location, help="a folder (or URL) written by openmind-convert")
+    _storage_options_argument(p)
     p.add_argument("--repair", action="store_true", help="reconvert the damaged or missing samples, then verify again")
     p.add_argument("--workers", type=non_negative_int, default=0, help="local dask worker processes (0 = here)")
     p.add_argument("--scheduler", help="address of an existing dask.distributed scheduler (tcp://host:8786)")
@@ -150,20 +167,22 @@ def _verify_parser() -> argparse.ArgumentParser:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from openmind_tools.storage import load_storage_options
     from openmind_tools.verify import repair, verify
 
+    options = load_storage_options(args.storage_options)
     with ExitStack() as stack:
         client = stack.enter_context(dask_client(args))
-        problems = verify(args.out, progress=not args.quiet, client=client)
+        problems = verify(args.out, progress=not args.quiet, client=client, storage_options=options)
         for problem in problems:
             print(problem)
         print(f"{len(problems)} problem(s) found in {args.out}")
         unrestored: list[str] = []
         if problems and args.repair:
-            result = repair(args.out, problems, client=client, progress=not args.quiet)
+            result = repair(args.out, problems, client=client, progress=not args.quiet, storage_options=options)
             print(result)
             unrestored = result.unrestored
-            problems = verify(args.out, progress=not args.quiet, client=client)
+            problems = verify(args.out, progress=not args.quiet, client=client, storage_options=options)
             for problem in problems:
                 print(problem)
             print(f"after repair: {len(problems)} problem(s) in {args.out}, {len(unrestored)} not restored")
