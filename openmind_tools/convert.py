@@ -8,7 +8,9 @@ rerun converts again into the same objects. Tar shards are packed afterwards, ea
 renamed: volumes in no shard yet are cut in id order at `shard_bytes` into new shards, and a written
 shard's members never change, so a retry or an added volume rewrites no shard. A killed run rerun with
 the same command skips what the journal holds, so its manifest equals an uninterrupted run's;
-`manifest.parquet` and `errors.parquet` are rewritten from the journal at the end. With tar shards
+`manifest.parquet` and `errors.parquet` are rewritten from the journal at the end: its last record per volume
+goes through a SQLite file on the driver's disk into parquet row groups in id order, so the driver holds a
+status and a shape per volume, never every row. With tar shards
 alone, volumes are staged in a hidden `.staging.zarr` that is kept, so a later run over more inputs
 (a larger --limit, --retry-errors) can pack them. ROOT and OUT may be fsspec URLs (`s3://bucket/prefix`):
 workers read the inputs and write the outputs there themselves, so no machine needs a shared file system.
@@ -16,15 +18,11 @@ workers read the inputs and write the outputs there themselves, so no machine ne
 
 from __future__ import annotations
 
-import fcntl
+import itertools
 import json
-import os
-import socket
-import threading
+import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,19 +35,16 @@ from openmind_tools import __version__, wds_store, zarr_store
 from openmind_tools.corpus import Corpus, Rejected, SourceImage, discover
 from openmind_tools.errors import ConfigError, InputError, MachineError
 from openmind_tools.files import machine_error, remove_stale_temporaries
-from openmind_tools.manifest_io import ERRORS, MANIFEST, write_table
+from openmind_tools.journal import Journal, exclusive, latest_records
+from openmind_tools.manifest_io import ERRORS, MANIFEST, write_batches, write_table
 from openmind_tools.parallel import run_tasks
 from openmind_tools.preprocess import PreprocessSettings, preprocess
 from openmind_tools.reads import Reader
 from openmind_tools.storage import Place, transport_error
 
 FORMATS = ("zarr", "wds")
-ZARR_DIR, STAGING_DIR, JOURNAL, RUN_FILE = "store.zarr", ".staging.zarr", ".journal.jsonl", ".run.json"
-JOURNAL_OBJECTS, LOCK = ".journal", ".lock"  # on an object store: one journal object per batch; the lock object
-# An object store's journal is written every 64 entries or 2 s: a kill loses at most that, and 114k volumes on a
-# cluster converting 10 per second leave ~6k small objects, read back in a minute or two by a resumed run
-JOURNAL_BATCH, JOURNAL_SECONDS = 64, 2.0
-LOCK_STALE_S, LOCK_BEAT_S = 120.0, 30.0  # an object store's lock: refreshed every 30 s, taken over after 120 s
+ZARR_DIR, STAGING_DIR, RUN_FILE = "store.zarr", ".staging.zarr", ".run.json"
+MANIFEST_BATCH = 2000  # manifest rows per parquet row group, built and written at a time
 _SAMPLE_JSON = ("id", "affine", "spacing", "settings_hash")  # manifest fields copied into each tar sample
 
 
@@ -112,7 +107,7 @@ def convert(
            "shard_bytes": shard_bytes, "codec": codec}  # fmt: skip
     try:
         out.mkdir()
-        with _exclusive(out):
+        with exclusive(out):
             return _convert_locked(corpus, out, settings, formats, shard_bytes, client, retry_errors, progress, start,
                                    run)  # fmt: skip
     except (MachineError, ConfigError):
@@ -147,12 +142,12 @@ def _convert_locked(
             remove_stale_temporaries(folder.path)
     zarr_store.write_hierarchy(zarr_root, ())  # the store's format, which readers check first
 
-    journal = _Journal(out)
+    journal = Journal(out)
     entries = journal.read()
-    done = {i: r for i, r in entries.volumes.items() if not retry_errors or r["status"] == "ok"}
+    done = {i: st for i, st in entries.status.items() if not retry_errors or st == "ok"}  # id -> "ok" | "error"
     # Trust the store over the journal: a sample deleted (or removed by `verify --repair`) is converted again.
-    present = zarr_store.stored(zarr_root, [i for i, r in done.items() if r["status"] == "ok"])
-    done = {i: r for i, r in done.items() if r["status"] != "ok" or i in present}
+    present = zarr_store.stored(zarr_root, [i for i, st in done.items() if st == "ok"])
+    done = {i: st for i, st in done.items() if st != "ok" or i in present}
     todo = [img for img in corpus.images if img.id not in done]
     with journal as log:
         results = run_tasks(_convert_one, todo, client, progress=progress, what="convert", on_error=_worker_died,
@@ -162,28 +157,47 @@ def _convert_locked(
             if record["status"] == "machine":  # not the input's fault: nothing journaled, the rerun converts it
                 raise MachineError(f"{record['reason']}; nothing was recorded against {record['id']}, and rerunning "
                                    "the same command resumes")  # fmt: skip
-            done[record["id"]] = record
+            done[record["id"]] = record["status"]
+            if record["status"] == "ok":
+                entries.shapes[record["id"]] = tuple(record["shape"])
             log.append({"volume": record})
-        ok = sorted(i for i in (img.id for img in corpus.images) if done[i]["status"] == "ok")
+        ok = [img.id for img in corpus.images if done[img.id] == "ok"]  # sorted by id, as the corpus is
         zarr_store.write_hierarchy(zarr_root, ok)
         shards = entries.shards
         if "wds" in formats:
-            _pack_shards(out, zarr_root, [done[i] for i in ok], shards, shard_bytes, client, progress, log)
+            _pack_shards(out, zarr_root, [(i, entries.shapes[i]) for i in ok], shards, shard_bytes, client, progress,
+                         log)  # fmt: skip
 
-    records = [done[img.id] for img in corpus.images]
-    manifest = _manifest(corpus, [r for r in records if r["status"] == "ok"], formats, shards, out)
-    errors = _errors([r for r in records if r["status"] == "error"], corpus.rejected)
     meta = {"settings": settings.to_dict(), "settings_hash": settings.digest(), "formats": list(formats)}
-    write_table(manifest, out / MANIFEST, meta)
+    totals = {"source_nbytes": 0, **{f"{f}_nbytes": 0 for f in formats}}
+    with tempfile.TemporaryDirectory(prefix="openmind-convert-") as scratch:
+        latest = latest_records(journal, Path(scratch) / "records.sqlite", {img.id for img in corpus.images})
+        errors = _errors([r for r in latest.rows("error")], corpus.rejected)
+        cells = _ShardCells(out, shards)
+
+        def batches() -> Iterator[pd.DataFrame]:  # the manifest in id order, MANIFEST_BATCH rows at a time
+            chunk = []
+            for record in itertools.chain(latest.rows("ok"), [None]):
+                if record is not None:
+                    chunk.append(record)
+                if chunk and (record is None or len(chunk) == MANIFEST_BATCH):
+                    yield _manifest(corpus, chunk, formats, cells)
+                    chunk = []
+
+        converted = 0
+        for rows in write_batches(batches, out / MANIFEST, meta, empty=_manifest(corpus, [], formats, cells)):
+            converted += len(rows)
+            for column in totals:
+                totals[column] += int(rows[column].sum())
+        latest.close()
     write_table(errors, out / ERRORS, meta)
-    stored = {f: int(manifest[f"{f}_nbytes"].sum()) if len(manifest) else 0 for f in formats}
     return Summary(
-        converted=len(manifest),
+        converted=converted,
         failed=len(errors),
         skipped=len(corpus.images) - len(todo),
         attempted=len(todo),
-        source_bytes=int(manifest["source_nbytes"].sum()) if len(manifest) else 0,
-        stored_bytes=stored,
+        source_bytes=totals.pop("source_nbytes"),
+        stored_bytes={column.removesuffix("_nbytes"): n for column, n in totals.items()},
         seconds=time.perf_counter() - start,
         out=out.url,
     )
@@ -230,7 +244,7 @@ def _failure(image: SourceImage, error_type: str, reason: str) -> dict[str, Any]
 def _pack_shards(
     out: Place,
     zarr_root: Place,
-    records: list[dict[str, Any]],
+    volumes: list[tuple[str, tuple[int, int, int]]],  # (id, shape) of every converted volume, in id order
     packed: dict[str, dict[str, Any]],  # shard name -> journal entry; updated with the shards written here
     shard_bytes: int,
     client: Any,
@@ -244,12 +258,11 @@ def _pack_shards(
     so a retried or added volume writes one new shard and rewrites none. A kill -9 while packing resumes
     to the shards an uninterrupted run writes: the rest is cut from the same boundary, the same way.
     """
-    ok = {r["id"]: r for r in records}
+    ok = dict(volumes)
     existing = set((out / "shards").find())  # one listing (a stat each would be a request each on S3)
 
-    def member(volume_id: str) -> tuple[str, tuple[int, ...], dict[str, Any]]:
-        r = ok[volume_id]
-        return r["id"], tuple(r["shape"]), {k: r[k] for k in _SAMPLE_JSON}
+    def member(volume_id: str) -> tuple[str, tuple[int, ...]]:
+        return volume_id, ok[volume_id]
 
     jobs = []
     for name, entry in sorted(packed.items()):
@@ -260,14 +273,14 @@ def _pack_shards(
     first = 1 + max((wds_store.shard_index(name) for name in packed), default=-1)
     plan: list[list[str]] = [[]]
     size = 0
-    for record in records:
-        if record["id"] in placed:
+    for volume_id, shape in volumes:
+        if volume_id in placed:
             continue
-        nbytes = wds_store.sample_nbytes(record["shape"])
+        nbytes = wds_store.sample_nbytes(shape)
         if plan[-1] and size + nbytes > shard_bytes:
             plan.append([])
             size = 0
-        plan[-1].append(record["id"])
+        plan[-1].append(volume_id)
         size += nbytes
     for index, ids in enumerate((ids for ids in plan if ids), start=first):
         jobs.append((wds_store.shard_name(index), [member(v) for v in ids]))
@@ -285,169 +298,26 @@ def _pack_shards(
 
 
 def _pack_one(
-    job: tuple[str, list[tuple[str, tuple[int, int, int], dict[str, Any]]]], out: Place, zarr_root: Place
+    job: tuple[str, list[tuple[str, tuple[int, int, int]]]], out: Place, zarr_root: Place
 ) -> tuple[str, list[str], list[wds_store.Sample]]:
+    """One shard, on a worker: its volumes read from the Zarr copy, each with the attributes its group records (the
+    manifest fields a tar sample carries), so the driver sends ids and shapes, not every row."""
     numcodecs.blosc.set_nthreads(1)
     name, members = job
     reader = Reader(zarr_root.fs)
-    samples = ((vid, zarr_store.read_volume(zarr_root.path, vid, shape, reader), meta) for vid, shape, meta in members)
-    sizes = wds_store.write_shard(out / name, samples)
-    return name, [vid for vid, _, _ in members], list(sizes.values())
+
+    def sample(volume_id: str, shape: tuple[int, int, int]) -> tuple[str, Any, dict[str, Any]]:
+        group = (zarr_root / zarr_store.group_path(volume_id) / "zarr.json").path
+        attrs = zarr_store.group_attributes(group, f"volume {volume_id}", reader)
+        return volume_id, zarr_store.read_volume(zarr_root.path, volume_id, shape, reader), {
+            k: attrs[k] for k in _SAMPLE_JSON}  # fmt: skip
+
+    sizes = wds_store.write_shard(out / name, (sample(vid, shape) for vid, shape in members))
+    return name, [vid for vid, _ in members], list(sizes.values())
 
 
 def _worker_died(image: SourceImage, error: Exception) -> dict[str, Any]:
     return _failure(image, type(error).__name__, f"{image.image}: the worker converting it died ({error})")
-
-
-@dataclass
-class _Entries:
-    volumes: dict[str, dict[str, Any]]
-    shards: dict[str, dict[str, Any]]  # shard name -> {"ids": [...], and per id each field of wds_store.Sample}
-
-
-class _Journal:
-    """What this conversion finished, read back by a resumed run: later entries win.
-
-    On local disk one file, each entry appended and flushed as it arrives (a kill -9 may cut the last line
-    short: reading skips it, appending cuts it off first). An object store cannot append, so entries are
-    buffered and written as whole objects, `OUT/.journal/NNNNNNNN.jsonl`, numbered after the ones found: every
-    `JOURNAL_BATCH` entries, after `JOURNAL_SECONDS`, and at the end. A kill loses the unwritten batch; those
-    volumes are converted again, into the same objects.
-    """
-
-    def __init__(self, out: Place) -> None:
-        self.out, self.local = out, out.local
-        self.objects = out / JOURNAL_OBJECTS
-        self.buffer: list[str] = []
-        self.flushed = time.monotonic()
-        self.next = 0
-        self.file: Any = None
-
-    def read(self) -> _Entries:
-        entries = _Entries({}, {})
-        if self.local:
-            path = self.out / JOURNAL
-            texts = [path.read_bytes().decode(errors="replace")] if path.is_file() else []
-        else:
-            names = [p for p in self.objects.find() if p.endswith(".jsonl")]
-            self.next = 1 + max((int(n.rsplit("/", 1)[-1].split(".")[0]) for n in names), default=-1)
-            texts = [Place(self.out.fs, n).read_bytes().decode(errors="replace") for n in names]
-        for line in (line for text in texts for line in text.splitlines()):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:  # the last line of a killed run may be cut short
-                continue
-            if "volume" in entry:
-                entries.volumes[entry["volume"]["id"]] = entry["volume"]
-            elif "shard" in entry:
-                entries.shards[entry["shard"]] = entry
-        return entries
-
-    def __enter__(self) -> _Journal:
-        if self.local:
-            path = Path(self.out.path) / JOURNAL
-            if path.is_file():  # cut off a line a killed run left unfinished, else the next entry is glued to it
-                data = path.read_bytes()
-                if data and not data.endswith(b"\n"):
-                    with path.open("r+b") as f:
-                        f.truncate(data.rfind(b"\n") + 1)
-            self.file = path.open("a")
-        return self
-
-    def append(self, entry: dict[str, Any]) -> None:
-        line = json.dumps(entry) + "\n"
-        if self.local:
-            self.file.write(line)
-            self.file.flush()
-            return
-        self.buffer.append(line)
-        if len(self.buffer) >= JOURNAL_BATCH or time.monotonic() - self.flushed >= JOURNAL_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.buffer:
-            (self.objects / f"{self.next:08d}.jsonl").write_bytes("".join(self.buffer).encode())
-            self.next += 1
-            self.buffer = []
-        self.flushed = time.monotonic()
-
-    def __exit__(self, kind: Any, *_: Any) -> None:
-        if self.local:
-            self.file.close()
-        elif kind is None or issubclass(kind, (MachineError, KeyboardInterrupt)):  # what finished stays finished
-            self.flush()
-
-
-@contextmanager
-def _exclusive(out: Place) -> Iterator[None]:
-    """One conversion per output: a second one would delete the first one's half-written arrays.
-
-    Local disk: `flock` on OUT/.lock. An object store has no lock, so OUT/.lock is an object naming its owner
-    (host, pid, a token) and refreshed every LOCK_BEAT_S by a thread. Another conversion is refused while it is
-    younger than LOCK_STALE_S, unless its owner is a process of this machine that is gone (a killed run resumes
-    at once). After writing its own lock, a run reads it back and gives way if another run's token is there:
-    of two runs that start together, the one whose write came last goes on.
-    """
-    if out.local:
-        with open(f"{out.path}/{LOCK}", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(f"{out}: another openmind-convert is writing into this folder") from None
-            yield
-        return
-    place = out / LOCK
-    mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
-    held = _lock_holder(place)
-    if held is not None and not _stale(held):
-        raise ConfigError(f"{out}: another openmind-convert (host {held.get('host')}, pid {held.get('pid')}) is "
-                          f"writing into it; if that run was killed on another machine, its lock {place} expires "
-                          f"{LOCK_STALE_S:.0f} s after its last refresh")  # fmt: skip
-    place.write_bytes(json.dumps({**mine, "time": time.time()}).encode())
-    time.sleep(0.5)  # a run that read the old lock at the same moment has written its own by now
-    if (_lock_holder(place) or {}).get("token") != mine["token"]:
-        raise ConfigError(f"{out}: another openmind-convert started writing into it at the same moment")
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(LOCK_BEAT_S):
-            with suppress(Exception):  # a refresh lost to the network is tried again at the next beat
-                place.write_bytes(json.dumps({**mine, "time": time.time()}).encode())
-
-    heart = threading.Thread(target=beat, name="openmind-convert lock", daemon=True)
-    heart.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        heart.join()
-        place.remove()
-
-
-def _lock_holder(place: Place) -> dict[str, Any] | None:
-    try:
-        held = json.loads(place.read_bytes())
-    except FileNotFoundError:
-        return None
-    except ValueError:  # a damaged lock object protects nothing
-        return None
-    return held if isinstance(held, dict) else None
-
-
-def _stale(held: dict[str, Any]) -> bool:
-    try:
-        age = time.time() - float(held["time"])
-        pid = int(held["pid"])
-    except (KeyError, TypeError, ValueError):
-        return True
-    if held.get("host") == socket.gethostname() and pid != os.getpid():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-    return age > LOCK_STALE_S
 
 
 def _claim(out: Place, settings: PreprocessSettings, formats: tuple[str, ...], inputs: dict[str, Any]) -> None:
@@ -479,12 +349,26 @@ def _check_formats(formats: Sequence[str]) -> tuple[str, ...]:
     return formats
 
 
+class _ShardCells:
+    """The manifest's wds_* cells of each packed volume, looked up per batch (an index per id, not a row)."""
+
+    def __init__(self, out: Place, shards: dict[str, dict[str, Any]]) -> None:
+        existing = set((out / "shards").find())
+        self.shards = {name: e for name, e in shards.items() if (out / name).path in existing}
+        self.where = {vid: (name, i) for name, e in self.shards.items() for i, vid in enumerate(e["ids"])}
+
+    def __call__(self, volume_id: str) -> dict[str, Any]:
+        name, i = self.where[volume_id]
+        entry = self.shards[name]
+        sample = wds_store.Sample(*(entry[field][i] for field in wds_store.Sample._fields))
+        return wds_store.manifest_cells(name, volume_id, sample)
+
+
 def _manifest(
     corpus: Corpus,
     records: list[dict[str, Any]],
     formats: tuple[str, ...],
-    shards: dict[str, dict[str, Any]],
-    out: Place,
+    cells: _ShardCells,
 ) -> pd.DataFrame:
     ours = pd.DataFrame(records).drop(columns=["status"], errors="ignore") if records else pd.DataFrame({"id": []})
     images = {img.id: img for img in corpus.images}
@@ -498,14 +382,7 @@ def _manifest(
     else:
         ours = ours.drop(columns=["zarr_nbytes"], errors="ignore")
     if "wds" in formats:
-        existing = set((out / "shards").find())
-        cells = {
-            vid: wds_store.manifest_cells(name, vid, wds_store.Sample(*values))
-            for name, entry in shards.items()
-            if (out / name).path in existing
-            for vid, *values in zip(entry["ids"], *(entry[f] for f in wds_store.Sample._fields), strict=True)
-        }
-        wds = pd.DataFrame([cells[i] for i in ours["id"]], index=ours.index)
+        wds = pd.DataFrame([cells(i) for i in ours["id"]], index=ours.index)
         ours = pd.concat([ours.drop(columns=wds.columns, errors="ignore"), wds], axis=1)
     csv = corpus.table.loc[ours["id"]].reset_index(drop=True)
     csv = csv.rename(columns={c: f"csv_{c}" for c in csv.columns if c in ours.columns})

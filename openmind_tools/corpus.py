@@ -113,7 +113,9 @@ def _from_csv(root: Place) -> Corpus:
     base = root / IMAGE_DIR if (root / IMAGE_DIR).is_dir() else root
     table.index = pd.Index([volume_id(p) for p in table["image_path"].astype(str)], name="id")
     repeated = table.index.duplicated()
-    rows = table.to_dict("records")  # one pass of plain dicts: iterrows is slow on 114k rows
+    # One pass of plain dicts of the columns read here (iterrows is slow on 114k rows; dicts of every column made
+    # the driver's peak memory grow by ~1 KB a row)
+    rows = table.reindex(columns=["image_path", "modality", "anat_mask_path", "anon_mask_path"]).to_dict("records")
     rejected, keep = [], np.zeros(len(rows), dtype=bool)
     for i, (vid, row, repeat) in enumerate(zip(table.index, rows, repeated, strict=True)):
         bad = _leaves(row, ("image_path", "anat_mask_path", "anon_mask_path"))

@@ -1,6 +1,7 @@
 """Read and write manifest tables: parquet with the conversion settings in its key-value metadata.
 
-Writes are whole (`storage.Place.writer`), so a reader never sees half a manifest. The metadata
+Writes are whole (`storage.Place.writer`), so a reader never sees half a manifest; a conversion's manifest is
+written a batch of rows at a time (`write_batches`), so the driver never holds all of them. The metadata
 (settings, settings hash, formats, and for a query its text and row count) travels with the rows, so a
 sub-manifest written by a query still tells the loader how its stores were made.
 """
@@ -8,6 +9,7 @@ sub-manifest written by a query still tells the loader how its stores were made.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,32 @@ def write_table(df: pd.DataFrame, path: str | Path | Place, meta: dict[str, Any]
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
     with Place.of(path).writer() as f:
         pq.write_table(table, f)
+
+
+def write_batches(
+    batches: Callable[[], Iterable[pd.DataFrame]], path: str | Path | Place, meta: dict[str, Any], empty: pd.DataFrame
+) -> Iterator[pd.DataFrame]:
+    """Write the frames `batches()` yields as one parquet file, a row group each, holding one frame at a time; yields
+    each frame once written (`empty` is written when there is none). The file appears whole when the last is written.
+
+    Two passes over `batches()`: the first unifies the frames' schemas (a column that is all null in one batch
+    takes its type from another, integers widen to floats where a batch holds NaN), the second writes.
+    """
+    schemas = [pa.Schema.from_pandas(frame, preserve_index=False) for frame in batches()]
+    if not schemas:
+        write_table(empty, path, meta)
+        yield empty
+        return
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    schema = schema.with_metadata({**(schemas[0].metadata or {}), META_KEY: json.dumps(meta).encode()})
+    with Place.of(path).writer() as f, pq.ParquetWriter(f, schema) as writer:
+        for frame in batches():
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            for field in schema:
+                if field.name not in table.column_names:
+                    table = table.append_column(field.name, pa.nulls(len(table), field.type))
+            writer.write_table(table.select(schema.names).cast(schema))
+            yield frame
 
 
 def read_table(

@@ -22,9 +22,10 @@ from scipy import ndimage
 
 from openmind_tools import zarr_store
 from openmind_tools.cli.convert import EXIT_FAILURES, main
-from openmind_tools.convert import JOURNAL, convert
+from openmind_tools.convert import convert
 from openmind_tools.corpus import CSV_NAME, discover
 from openmind_tools.errors import ConfigError
+from openmind_tools.journal import JOURNAL
 from openmind_tools.manifest_io import read_table
 from openmind_tools.verify import verify
 

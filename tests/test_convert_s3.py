@@ -27,8 +27,9 @@ from moto.server import ThreadedMotoServer
 
 from openmind_tools import zarr_store
 from openmind_tools.cli.convert import main
-from openmind_tools.convert import JOURNAL_OBJECTS, LOCK, convert
+from openmind_tools.convert import convert
 from openmind_tools.errors import MachineError
+from openmind_tools.journal import JOURNAL_OBJECTS, LOCK
 from openmind_tools.loader import PatchDataset
 from openmind_tools.verify import repair, verify
 
