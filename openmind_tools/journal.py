@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import sqlite3
 import threading
@@ -79,7 +80,7 @@ class Journal:
                 entry = json.loads(line)
             except json.JSONDecodeError:  # the last line of a killed run may be cut short
                 continue
-            if isinstance(entry, dict):
+            if _well_formed(entry):  # a hand-edited or damaged line is skipped: its volume is converted again
                 yield entry
 
     def _lines(self) -> Iterator[str]:
@@ -89,7 +90,7 @@ class Journal:
                 with path.open(errors="replace") as f:
                     yield from f
             return
-        names = [p for p in self.objects.find() if p.endswith(".jsonl")]
+        names = [p for p in self.objects.find() if re.fullmatch(r"[0-9]{8}\.jsonl", p.rsplit("/", 1)[-1])]
         self.next = 1 + max((int(n.rsplit("/", 1)[-1].split(".")[0]) for n in names), default=-1)
         for name in names:
             yield from Place(self.out.fs, name).read_bytes().decode(errors="replace").splitlines()
@@ -127,6 +128,18 @@ class Journal:
             self.file.close()
         elif kind is None or issubclass(kind, (MachineError, KeyboardInterrupt)):  # what finished stays finished
             self.flush()
+
+
+def _well_formed(entry: Any) -> bool:
+    """A journal entry as this module writes it: a volume's record (id, status, and an ok one's shape) or a shard's."""
+    if not isinstance(entry, dict):
+        return False
+    if "volume" in entry:
+        v = entry["volume"]
+        if not (isinstance(v, dict) and isinstance(v.get("id"), str) and v.get("status") in ("ok", "error")):
+            return False
+        return v["status"] == "error" or (isinstance(v.get("shape"), list) and len(v["shape"]) == 3)
+    return isinstance(entry.get("shard"), str) and isinstance(entry.get("ids"), list)
 
 
 @contextmanager

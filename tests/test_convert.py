@@ -389,6 +389,23 @@ def test_a_journal_line_cut_by_a_kill_does_not_break_the_rerun(demo_corpus: Path
     assert all(json.loads(line) for line in journal.read_text().splitlines())
 
 
+def test_journal_lines_of_the_wrong_shape_are_skipped_and_their_volumes_converted_again(
+    demo_corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    convert(demo_corpus, out, limit=3, progress=False)
+    reference = pd.read_parquet(out / "manifest.parquet")
+    journal = out / JOURNAL
+    lines = journal.read_text().splitlines()
+    first = json.loads(lines[0])["volume"]
+    hostile = ['{"volume": 3}', '{"volume": {"id": 7}}', '[1, 2]', '{"shard": null}',
+               json.dumps({"volume": {"id": first["id"], "status": "ok"}})]  # the first volume: no shape  # fmt: skip
+    journal.write_text("\n".join([*lines[1:], *hostile]) + "\n")
+    summary = convert(demo_corpus, out, limit=3, progress=False)
+    assert summary.attempted == 1  # the volume whose only well-formed record was removed
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "manifest.parquet"), reference)
+
+
 def _die_on_flair(image, **kwargs):  # a worker process that dies mid-task, as an OOM kill does
     from openmind_tools.convert import _convert_one
 
