@@ -35,7 +35,8 @@ from openmind_tools import __version__, wds_store, zarr_store
 from openmind_tools.corpus import Corpus, Rejected, SourceImage, discover
 from openmind_tools.errors import ConfigError, InputError, MachineError
 from openmind_tools.files import machine_error, remove_stale_temporaries
-from openmind_tools.journal import Journal, exclusive, latest_records
+from openmind_tools.journal import Journal, latest_records
+from openmind_tools.lock import Lease, exclusive
 from openmind_tools.manifest_io import ERRORS, MANIFEST, write_batches, write_table
 from openmind_tools.parallel import run_tasks
 from openmind_tools.preprocess import PreprocessSettings, preprocess
@@ -107,9 +108,9 @@ def convert(
            "shard_bytes": shard_bytes, "codec": codec}  # fmt: skip
     try:
         out.mkdir()
-        with exclusive(out):
-            return _convert_locked(corpus, out, settings, formats, shard_bytes, client, retry_errors, progress, start,
-                                   run)  # fmt: skip
+        with exclusive(out) as lease:
+            return _convert_locked(corpus, out, lease, settings, formats, shard_bytes, client, retry_errors, progress,
+                                   start, run)  # fmt: skip
     except (MachineError, ConfigError):
         raise
     except Exception as e:  # the driver's own reads and writes: journal, shards, manifest
@@ -125,6 +126,7 @@ def convert(
 def _convert_locked(
     corpus: Corpus,
     out: Place,
+    lease: Lease,
     settings: PreprocessSettings,
     formats: tuple[str, ...],
     shard_bytes: int,
@@ -142,7 +144,7 @@ def _convert_locked(
             remove_stale_temporaries(folder.path)
     zarr_store.write_hierarchy(zarr_root, ())  # the store's format, which readers check first
 
-    journal = Journal(out)
+    journal = Journal(out, lease)
     entries = journal.read()
     done = {i: st for i, st in entries.status.items() if not retry_errors or st == "ok"}  # id -> "ok" | "error"
     # Trust the store over the journal: a sample deleted (or removed by `verify --repair`) is converted again.
@@ -168,6 +170,7 @@ def _convert_locked(
             _pack_shards(out, zarr_root, [(i, entries.shapes[i]) for i in ok], shards, shard_bytes, client, progress,
                          log)  # fmt: skip
 
+    lease.check()  # a run another has taken over leaves the manifest to it
     meta = {"settings": settings.to_dict(), "settings_hash": settings.digest(), "formats": list(formats)}
     totals = {"source_nbytes": 0, **{f"{f}_nbytes": 0 for f in formats}}
     with tempfile.TemporaryDirectory(prefix="openmind-convert-") as scratch:

@@ -1,37 +1,32 @@
-"""What a conversion has finished, and who is writing its output: the journal and the lock.
+"""What a conversion has finished: the journal.
 
-On local disk the journal is one file appended an entry at a time, and the lock is `flock`. An object store has
-neither append, rename nor locks, so there the journal is whole objects, one per batch of entries, and the lock an
-object naming its owner, refreshed by a heartbeat. A resumed run reads the journal back as statuses and shapes
-(`Journal.read`); the records themselves are streamed, last one per volume and in id order, through a SQLite
-file on the driver's own disk (`latest_records`), so the manifest is written without holding every row.
+On local disk the journal is one file appended an entry at a time. An object store has neither append nor
+rename, so there the journal is whole objects, one per batch of entries, each created only if its name is free:
+a run that lost its lock (`openmind_tools.lock`) cannot overwrite the entries of the run that took over. A
+resumed run reads the journal back as statuses and shapes (`Journal.read`); the records themselves are streamed,
+last one per volume and in id order, through a SQLite file on the driver's own disk (`latest_records`), so the
+manifest is written without holding every row.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
-import socket
 import sqlite3
-import threading
 import time
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from openmind_tools.errors import ConfigError, MachineError
+from openmind_tools.errors import MachineError
+from openmind_tools.lock import Lease
 from openmind_tools.storage import Place
 
-JOURNAL, JOURNAL_OBJECTS, LOCK = ".journal.jsonl", ".journal", ".lock"  # local journal; object-store journal; lock
+JOURNAL, JOURNAL_OBJECTS = ".journal.jsonl", ".journal"  # the local journal; the object store's
 # An object store's journal is written every 64 entries or 2 s: a kill loses at most that, and 114k volumes on a
 # cluster converting 10 per second leave ~6k small objects, read back in a minute or two by a resumed run
 JOURNAL_BATCH, JOURNAL_SECONDS = 64, 2.0
-LOCK_STALE_S, LOCK_BEAT_S = 120.0, 30.0  # an object store's lock: refreshed every 30 s, taken over after 120 s
 
 
 @dataclass
@@ -50,11 +45,13 @@ class Journal:
     short: reading skips it, appending cuts it off first). An object store cannot append, so entries are
     buffered and written as whole objects, `OUT/.journal/NNNNNNNN.jsonl`, numbered after the ones found: every
     `JOURNAL_BATCH` entries, after `JOURNAL_SECONDS`, and at the end. A kill loses the unwritten batch; those
-    volumes are converted again, into the same objects.
+    volumes are converted again, into the same objects. Each object is created only if its name is free, and
+    never after `lease` is lost: two runs never write each other's numbers.
     """
 
-    def __init__(self, out: Place) -> None:
+    def __init__(self, out: Place, lease: Lease | None = None) -> None:
         self.out, self.local = out, out.local
+        self.lease = lease or Lease()
         self.objects = out / JOURNAL_OBJECTS
         self.buffer: list[str] = []
         self.flushed = time.monotonic()
@@ -117,8 +114,14 @@ class Journal:
             self.flush()
 
     def flush(self) -> None:
+        self.lease.check()
         if self.buffer:
-            (self.objects / f"{self.next:08d}.jsonl").write_bytes("".join(self.buffer).encode())
+            place = self.objects / f"{self.next:08d}.jsonl"
+            try:
+                place.create_bytes("".join(self.buffer).encode())
+            except FileExistsError:
+                raise MachineError(f"{place}: written by another openmind-convert since this run read the journal; "
+                                   "two runs are writing into one output, and this one stops") from None  # fmt: skip
             self.next += 1
             self.buffer = []
         self.flushed = time.monotonic()
@@ -126,8 +129,8 @@ class Journal:
     def __exit__(self, kind: Any, *_: Any) -> None:
         if self.local:
             self.file.close()
-        elif kind is None or issubclass(kind, (MachineError, KeyboardInterrupt)):  # what finished stays finished
-            self.flush()
+        elif (kind is None or issubclass(kind, (MachineError, KeyboardInterrupt))) and not self.lease.lost.is_set():
+            self.flush()  # what finished stays finished, unless another run owns the output now
 
 
 def _well_formed(entry: Any) -> bool:
@@ -140,78 +143,6 @@ def _well_formed(entry: Any) -> bool:
             return False
         return v["status"] == "error" or (isinstance(v.get("shape"), list) and len(v["shape"]) == 3)
     return isinstance(entry.get("shard"), str) and isinstance(entry.get("ids"), list)
-
-
-@contextmanager
-def exclusive(out: Place) -> Iterator[None]:
-    """One conversion per output: a second one would delete the first one's half-written arrays.
-
-    Local disk: `flock` on OUT/.lock. An object store has no lock, so OUT/.lock is an object naming its owner
-    (host, pid, a token) and refreshed every LOCK_BEAT_S by a thread. Another conversion is refused while it is
-    younger than LOCK_STALE_S, unless its owner is a process of this machine that is gone (a killed run resumes
-    at once). After writing its own lock, a run reads it back and gives way if another run's token is there:
-    of two runs that start together, the one whose write came last goes on.
-    """
-    if out.local:
-        with open(f"{out.path}/{LOCK}", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(f"{out}: another openmind-convert is writing into this folder") from None
-            yield
-        return
-    place = out / LOCK
-    mine = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
-    held = _lock_holder(place)
-    if held is not None and not _stale(held):
-        raise ConfigError(f"{out}: another openmind-convert (host {held.get('host')}, pid {held.get('pid')}) is "
-                          f"writing into it; if that run was killed on another machine, its lock {place} expires "
-                          f"{LOCK_STALE_S:.0f} s after its last refresh")  # fmt: skip
-    place.write_bytes(json.dumps({**mine, "time": time.time()}).encode())
-    time.sleep(0.5)  # a run that read the old lock at the same moment has written its own by now
-    if (_lock_holder(place) or {}).get("token") != mine["token"]:
-        raise ConfigError(f"{out}: another openmind-convert started writing into it at the same moment")
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(LOCK_BEAT_S):
-            with suppress(Exception):  # a refresh lost to the network is tried again at the next beat
-                place.write_bytes(json.dumps({**mine, "time": time.time()}).encode())
-
-    heart = threading.Thread(target=beat, name="openmind-convert lock", daemon=True)
-    heart.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        heart.join()
-        place.remove()
-
-
-def _lock_holder(place: Place) -> dict[str, Any] | None:
-    try:
-        held = json.loads(place.read_bytes())
-    except FileNotFoundError:
-        return None
-    except ValueError:  # a damaged lock object protects nothing
-        return None
-    return held if isinstance(held, dict) else None
-
-
-def _stale(held: dict[str, Any]) -> bool:
-    try:
-        age = time.time() - float(held["time"])
-        pid = int(held["pid"])
-    except (KeyError, TypeError, ValueError):
-        return True
-    if held.get("host") == socket.gethostname() and pid != os.getpid():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-    return age > LOCK_STALE_S
 
 
 class Records:

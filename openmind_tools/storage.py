@@ -103,6 +103,12 @@ class Place:
         else:
             self.fs.pipe_file(self.path, data)
 
+    def create_bytes(self, data: bytes) -> None:
+        """Write a new object, or raise FileExistsError if it is there already. One request on S3 (s3fs sends
+        `If-None-Match: *`, which AWS S3 and MinIO honour), so of two writers exactly one creates it; fsspec's
+        other filesystems check, then write."""
+        self.fs.pipe_file(self.path, data, mode="create")
+
     @contextmanager
     def writer(self) -> Iterator[BinaryIO]:
         """A binary stream that replaces the file or object when the block ends without an error."""

@@ -29,8 +29,9 @@ from openmind_tools import zarr_store
 from openmind_tools.cli.convert import main
 from openmind_tools.convert import convert
 from openmind_tools.errors import MachineError
-from openmind_tools.journal import JOURNAL_OBJECTS, LOCK
+from openmind_tools.journal import JOURNAL_OBJECTS
 from openmind_tools.loader import PatchDataset
+from openmind_tools.lock import LOCKS
 from openmind_tools.verify import repair, verify
 
 LIMIT = 8  # volumes of the demo corpus converted here (the first 8 by id: three datasets, nine modalities)
@@ -118,7 +119,7 @@ def test_s3_to_s3_on_a_cluster_equals_the_local_conversion(converted: str, optio
     fs = s3fs.S3FileSystem(**options)
     fs.invalidate_cache()
     objects = fs.find("convert-stores/run")
-    assert "convert-stores/run/store.zarr/zarr.json" in objects and not any(o.endswith(f"/{LOCK}") for o in objects)
+    assert "convert-stores/run/store.zarr/zarr.json" in objects and not any(f"/{LOCKS}/" in o for o in objects)
     assert {f"convert-stores/run/{s}" for s in manifest["wds_shard"]} <= set(objects)
     assert any(f"/{JOURNAL_OBJECTS}/" in o for o in objects) and not any(".partial" in o for o in objects)
     run = json.loads(fs.cat_file("convert-stores/run/.run.json"))
@@ -184,7 +185,7 @@ def test_a_driver_killed_by_signal_9_resumes_to_the_uninterrupted_manifest(
     driver.communicate()
     fs = s3fs.S3FileSystem(**options)
     fs.invalidate_cache()
-    assert fs.isfile(f"convert-stores/killed/{LOCK}")  # the killed run's lock is left behind ...
+    assert len(fs.find(f"convert-stores/killed/{LOCKS}")) == 1  # the killed run's lease is left behind ...
     summary = convert(corpus_url, out, limit=LIMIT, shard_bytes=3_000_000, progress=False, storage_options=options)
     assert 1 <= summary.skipped < LIMIT  # ... and taken over at once: its owner is gone from this machine
     _same(_manifest(out, options), _manifest(converted, options))
