@@ -104,10 +104,15 @@ class Place:
             self.fs.pipe_file(self.path, data)
 
     def create_bytes(self, data: bytes) -> None:
-        """Write a new object, or raise FileExistsError if it is there already. One request on S3 (s3fs sends
+        """Write a new object, or raise FileExistsError if another is there already. One request on S3 (s3fs sends
         `If-None-Match: *`, which AWS S3 and MinIO honour), so of two writers exactly one creates it; fsspec's
-        other filesystems check, then write."""
-        self.fs.pipe_file(self.path, data, mode="create")
+        other filesystems check, then write. An object that holds `data` already is this write's own: a request
+        retried after its answer was lost finds the object its first try created."""
+        try:
+            self.fs.pipe_file(self.path, data, mode="create")
+        except FileExistsError:
+            if self.read_bytes() != data:
+                raise
 
     @contextmanager
     def writer(self) -> Iterator[BinaryIO]:

@@ -136,3 +136,12 @@ def test_a_damaged_lease_is_taken_over_and_foreign_names_are_ignored(out: Place)
     with exclusive(out):
         assert "00000003.json" in _leases(out)
     assert sorted(_leases(out)) == ["00000002.json", "99999999.json.bak", "notes.txt"]
+
+
+def test_a_create_retried_after_its_answer_was_lost_is_its_own(out: Place) -> None:
+    place = out / "object"
+    place.create_bytes(b"first")
+    place.create_bytes(b"first")  # the retry of a request that landed
+    with pytest.raises(FileExistsError):
+        place.create_bytes(b"second")
+    assert place.read_bytes() == b"first"
