@@ -32,7 +32,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from openmind_tools import __version__, wds_store, zarr_store
-from openmind_tools.corpus import Corpus, Rejected, SourceImage, discover
+from openmind_tools.corpus import Corpus, Rejected, SourceImage, discover, row_of
 from openmind_tools.errors import ConfigError, InputError, MachineError
 from openmind_tools.files import machine_error, remove_stale_temporaries
 from openmind_tools.journal import Journal, latest_records
@@ -213,14 +213,12 @@ def _convert_one(
     record (never raises). A failure of the object store, not of the input, comes back as status "machine"."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)  # dask workers are the parallelism
     numcodecs.blosc.set_nthreads(1)
-    files = [p for p in (image.image, image.anatomy_mask, image.deface_mask) if p]
     try:
         result = preprocess(image.image, image.anatomy_mask, image.deface_mask, settings, fs=source.fs)
         record = {"id": image.id, "status": "ok", **result.meta, "settings_hash": settings.digest(),
                   "converter_version": __version__}  # fmt: skip
         attrs = {k: record[k] for k in _SAMPLE_JSON}
         nbytes = zarr_store.write_volume(zarr_root, image.id, result.volume, attrs, codec)
-        source_nbytes = sum(Place(source.fs, p).size() for p in files)
     except InputError as e:
         return _failure(image, type(e).__name__, str(e))
     except Exception as e:  # an unforeseen failure of one input must not stop a 114k-volume run
@@ -228,7 +226,12 @@ def _convert_one(
         if (machine := machine_error(e, where) or _transport(e, where)) is not None:
             return {"id": image.id, "status": "machine", "reason": str(machine)}
         return _failure(image, type(e).__name__, f"{image.image}: {type(e).__name__}: {e}")
-    return {**record, "checksum": result.volume.checksum(), "source_nbytes": source_nbytes, "zarr_nbytes": nbytes}
+    return {
+        **record,
+        "checksum": result.volume.checksum(),
+        "source_nbytes": result.source_nbytes,
+        "zarr_nbytes": nbytes,
+    }
 
 
 def _transport(error: BaseException, doing: str) -> MachineError | None:
@@ -374,11 +377,12 @@ def _manifest(
     cells: _ShardCells,
 ) -> pd.DataFrame:
     ours = pd.DataFrame(records).drop(columns=["status"], errors="ignore") if records else pd.DataFrame({"id": []})
-    images = {img.id: img for img in corpus.images}
-    ours.insert(1, "dataset", [images[i].dataset for i in ours["id"]])
-    ours.insert(2, "subject", [images[i].subject for i in ours["id"]])
-    ours.insert(3, "session", [images[i].session for i in ours["id"]])
-    ours.insert(4, "source_path", [corpus.root.relative(images[i].image) for i in ours["id"]])
+    rows = [row_of(corpus, i) for i in ours["id"]]
+    images = [corpus.images[k] for k in rows]
+    ours.insert(1, "dataset", [img.dataset for img in images])
+    ours.insert(2, "subject", [img.subject for img in images])
+    ours.insert(3, "session", [img.session for img in images])
+    ours.insert(4, "source_path", [corpus.root.relative(img.image) for img in images])
     if "zarr" in formats:
         ours["zarr_store"] = ZARR_DIR
         ours["zarr_array"] = [zarr_store.group_path(i) for i in ours["id"]]
@@ -387,7 +391,7 @@ def _manifest(
     if "wds" in formats:
         wds = pd.DataFrame([cells(i) for i in ours["id"]], index=ours.index)
         ours = pd.concat([ours.drop(columns=wds.columns, errors="ignore"), wds], axis=1)
-    csv = corpus.table.loc[ours["id"]].reset_index(drop=True)
+    csv = corpus.table.iloc[rows].reset_index(drop=True)
     csv = csv.rename(columns={c: f"csv_{c}" for c in csv.columns if c in ours.columns})
     return pd.concat([ours.reset_index(drop=True), csv], axis=1).sort_values("id", ignore_index=True)
 

@@ -9,13 +9,14 @@ BIDS suffix, and masks come from the sibling `X__Data/{fb_mask,deface_mask}.nii.
 
 from __future__ import annotations
 
+import bisect
 import io
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from openmind_tools.errors import ConfigError, MachineError
@@ -28,7 +29,7 @@ ANATOMY_MASK, DEFACE_MASK = "fb_mask.nii.gz", "deface_mask.nii.gz"
 _IMAGE_FOLDERS = ("anat", "dwi")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # 114k of them stay in the driver's memory for the whole run
 class SourceImage:
     id: str  # relative path without extension, e.g. ds001486/sub-001/ses-T1/anat/sub-001_ses-T1_T1w
     image: str  # the file's path on the corpus's filesystem (`Corpus.root.fs`): a local path, or bucket/key
@@ -53,8 +54,8 @@ class Rejected:
 @dataclass(frozen=True)
 class Corpus:
     root: Place
-    images: list[SourceImage]
-    table: pd.DataFrame  # one row per image, indexed by id: every CSV column, unchanged
+    images: list[SourceImage]  # sorted by id
+    table: pd.DataFrame  # every CSV column, unchanged: row k (a RangeIndex) belongs to images[k]
     rejected: list[Rejected]  # repeated rows, paths that leave the image folder
 
 
@@ -82,16 +83,27 @@ def discover(
         if isinstance(e, OSError):
             raise ConfigError(f"{root}: cannot list the corpus ({type(e).__name__}: {e})") from None
         raise
-    images = corpus.images
-    if modalities:
-        wanted = set(canonical_modalities(modalities, present=sorted({i.modality for i in images})))
-        images = [i for i in images if i.modality in wanted]
-    images = images[:limit] if limit is not None else images
-    ids = [i.id for i in images]
     everything = not modalities and limit is None
-    chosen = set(ids)
-    rejected = [r for r in corpus.rejected if everything or r.id in chosen]  # a trial reports its own rows
-    return Corpus(root, images, corpus.table.loc[ids], rejected)
+    if everything:
+        return corpus
+    rows = range(len(corpus.images))
+    if modalities:
+        wanted = set(canonical_modalities(modalities, present=sorted({i.modality for i in corpus.images})))
+        rows = [k for k in rows if corpus.images[k].modality in wanted]
+    rows = rows[:limit] if limit is not None else rows
+    images = [corpus.images[k] for k in rows]
+    chosen = {i.id for i in images}
+    rejected = [r for r in corpus.rejected if r.id in chosen]  # a trial reports its own rows
+    return Corpus(root, images, corpus.table.iloc[list(rows)].reset_index(drop=True), rejected)
+
+
+def row_of(corpus: Corpus, volume_id: str) -> int:
+    """The position of `volume_id` in `corpus.images` and `corpus.table` (a bisection of the sorted ids, so the
+    driver holds no index of 114k ids beside the images)."""
+    k = bisect.bisect_left(corpus.images, volume_id, key=lambda image: image.id)
+    if k == len(corpus.images) or corpus.images[k].id != volume_id:
+        raise KeyError(volume_id)
+    return k
 
 
 def volume_id(relative_path: str) -> str:
@@ -111,24 +123,25 @@ def _from_csv(root: Place) -> Corpus:
         if column not in table.columns:
             raise ConfigError(f"{csv}: required column {column!r} missing (found {list(table.columns)})")
     base = root / IMAGE_DIR if (root / IMAGE_DIR).is_dir() else root
-    table.index = pd.Index([volume_id(p) for p in table["image_path"].astype(str)], name="id")
-    repeated = table.index.duplicated()
+    # The ids as plain strings, shared with the images: a string index of the table (and the hash table pandas
+    # builds for a lookup by id) cost the driver ~2.6 KB a row in memory, measured at 5,000 rows
+    ids = [volume_id(p) for p in table["image_path"].astype(str)]
     # One pass of plain dicts of the columns read here (iterrows is slow on 114k rows; dicts of every column made
     # the driver's peak memory grow by ~1 KB a row)
     rows = table.reindex(columns=["image_path", "modality", "anat_mask_path", "anon_mask_path"]).to_dict("records")
-    rejected, keep = [], np.zeros(len(rows), dtype=bool)
-    for i, (vid, row, repeat) in enumerate(zip(table.index, rows, repeated, strict=True)):
+    rejected, keep, seen = [], [], set()
+    for i, (vid, row) in enumerate(zip(ids, rows, strict=True)):
         bad = _leaves(row, ("image_path", "anat_mask_path", "anon_mask_path"))
         if bad:
             rejected.append(Rejected(vid, str(row["image_path"]), "UnsafePath", f"{bad} leaves {base}"))
-        elif repeat:
+        elif vid in seen:
             rejected.append(Rejected(vid, str(row["image_path"]), "DuplicateRow", "the CSV lists this image again"))
         else:
-            keep[i] = True
-    images = [_image(base, vid, row) for vid, row, k in zip(table.index, rows, keep, strict=True) if k]
-    table = table[keep]
-    order = sorted(range(len(images)), key=lambda i: images[i].id)
-    return Corpus(root, [images[i] for i in order], table.iloc[order], rejected)
+            seen.add(vid)
+            keep.append(i)
+    keep.sort(key=lambda i: ids[i])
+    images = [_image(base, ids[i], rows[i]) for i in keep]
+    return Corpus(root, images, table.iloc[keep].reset_index(drop=True), rejected)
 
 
 def _leaves(row: dict, columns: tuple[str, ...]) -> str:
@@ -150,7 +163,7 @@ def _image(base: Place, vid: str, row: dict) -> SourceImage:
         image=(base / str(row["image_path"])).path,
         anatomy_mask=mask("anat_mask_path"),
         deface_mask=mask("anon_mask_path"),
-        modality=str(row["modality"]),
+        modality=sys.intern(str(row["modality"])),
         **_bids_entities(vid),
     )
 
@@ -178,25 +191,24 @@ def _from_tree(root: Place) -> Corpus:
                 image=path,
                 anatomy_mask=_existing(f"{masks}/{ANATOMY_MASK}", present),
                 deface_mask=_existing(f"{masks}/{DEFACE_MASK}", present),
-                modality=PurePosixPath(vid).name.rsplit("_", 1)[-1],
+                modality=sys.intern(PurePosixPath(vid).name.rsplit("_", 1)[-1]),
                 **_bids_entities(vid),
             )
         )
     images.sort(key=lambda i: i.id)
-    table = pd.DataFrame(
-        {
-            "image_path": [base.relative(i.image) for i in images],
-            "modality": [i.modality for i in images],
-        },
-        index=pd.Index([i.id for i in images], name="id"),
-    )
+    relative = [base.relative(i.image) for i in images]
+    table = pd.DataFrame({"image_path": relative, "modality": [i.modality for i in images]})
     return Corpus(root, images, table, [])
 
 
 def _bids_entities(vid: str) -> dict[str, str | None]:
     parts = vid.split("/")
     session = next((p for p in parts[1:-1] if p.startswith("ses-")), None)
-    return {"dataset": parts[0], "subject": parts[1] if len(parts) > 2 else "", "session": session}
+    return {  # interned: one copy of each dataset, subject and session name among 114k images
+        "dataset": sys.intern(parts[0]),
+        "subject": sys.intern(parts[1]) if len(parts) > 2 else "",
+        "session": None if session is None else sys.intern(session),
+    }
 
 
 def _existing(path: str, present: set[str]) -> str | None:

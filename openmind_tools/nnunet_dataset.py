@@ -62,8 +62,7 @@ def write_dataset(
     if label_column not in corpus.table.columns:
         raise ConfigError(f"{root}: the corpus CSV has no column {label_column!r}")
     cases: dict[str, tuple[Path, Path]] = {}
-    for image in corpus.images:  # sorted by id: a subject's first session comes first
-        cell = corpus.table.at[image.id, label_column]
+    for image, cell in zip(corpus.images, corpus.table[label_column], strict=True):  # by id: first sessions first
         case = f"{image.dataset}_{image.subject}"
         if image.modality != modality or not isinstance(cell, str) or not cell.strip() or case in cases:
             continue

@@ -78,6 +78,7 @@ class Preprocessed:
     volume: Volume
     meta: dict[str, Any]
     label: np.ndarray | None = None  # (X, Y, Z) uint8 class map on the volume's grid, when a label map was given
+    source_nbytes: int = 0  # the files' sizes as read: the manifest's source_nbytes without a request more per file
 
 
 def preprocess(
@@ -94,17 +95,20 @@ def preprocess(
     neighbour and cropped exactly as the masks are: a fine-tuning target on the stored volume's voxels. The paths
     are on `fs` (an fsspec filesystem such as S3's; default local disk), read whole into memory.
     """
-    img = load_nifti(image_path, settings.volume_index, fs)
+    img, source_nbytes = load_nifti(image_path, settings.volume_index, fs)
     data = img.get_fdata(dtype=np.float32)
     shape, src_affine, zooms, src_dtype = img.shape[:3], img.affine, img.header.get_zooms()[:3], img.get_data_dtype()
     del img  # frees the file's bytes before the resampling copies: peak memory of a 512^3 volume
     _check_values(data, image_path)
-    masks = {
-        name: _load_mask(path, shape, src_affine, image_path, fs)
-        for name, path in (("anatomy", anatomy_path), ("deface", deface_path))
-        if path is not None
-    }
-    label = None if label_path is None else _load_label(label_path, shape, src_affine, image_path, fs)
+    masks = {}
+    for name, path in (("anatomy", anatomy_path), ("deface", deface_path)):
+        if path is not None:
+            masks[name], nbytes = _load_mask(path, shape, src_affine, image_path, fs)
+            source_nbytes += nbytes
+    label = None
+    if label_path is not None:
+        label, nbytes = _load_label(label_path, shape, src_affine, image_path, fs)
+        source_nbytes += nbytes
 
     ornt = nib.orientations.io_orientation(src_affine)  # to the closest RAS axes, as nibabel's canonical
     ras_affine = src_affine @ nib.orientations.inv_ornt_aff(ornt, shape)
@@ -155,13 +159,15 @@ def preprocess(
         "anatomy_fraction": float(anatomy.mean()),
         "deface_fraction": float(deface.mean()),
     }
-    return Preprocessed(Volume(image, code), meta, None if label is None else np.ascontiguousarray(label))
+    label = None if label is None else np.ascontiguousarray(label)
+    return Preprocessed(Volume(image, code), meta, label, source_nbytes)
 
 
 def load_nifti(
     path: str | Path, volume_index: int | None = None, fs: fsspec.AbstractFileSystem | None = None
-) -> nib.Nifti1Image:
-    """Read a .nii/.nii.gz fully into memory, checking gzip integrity, and reduce it to one 3D volume.
+) -> tuple[nib.Nifti1Image, int]:
+    """Read a .nii/.nii.gz fully into memory, checking gzip integrity, and reduce it to one 3D volume; with the
+    file's size in bytes, which on an object store would cost another request to ask for.
 
     On an object store (`fs`), a missing object is the input's fault (InputError); any other failure of the read is
     retried, then raised as the OSError it is: the machine's, never blamed on the input."""
@@ -178,6 +184,7 @@ def load_nifti(
             raise InputError(f"{fs.unstrip_protocol(str(path))}: file not found ({type(e).__name__})") from None
     if not raw:
         raise InputError(f"{path}: zero-byte file")
+    nbytes = len(raw)
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
@@ -198,7 +205,7 @@ def load_nifti(
     needed = int(img.dataobj.offset) + int(np.prod(img.shape)) * dtype.itemsize
     if len(raw) < needed:
         raise InputError(f"{path}: truncated voxel data ({len(raw)} bytes, the header needs {needed})")
-    return _to_3d(img, path, volume_index)
+    return _to_3d(img, path, volume_index), nbytes
 
 
 def _to_3d(img: nib.Nifti1Image, path: Path, volume_index: int | None) -> nib.Nifti1Image:
@@ -218,35 +225,36 @@ def _to_3d(img: nib.Nifti1Image, path: Path, volume_index: int | None) -> nib.Ni
 
 
 def _load_aligned(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, image_path: str | Path,
-                  what: str, fs: fsspec.AbstractFileSystem | None) -> nib.Nifti1Image:  # fmt: skip
-    """A mask or label map, refused unless it lies on its image's grid."""
-    img = load_nifti(path, fs=fs)
+                  what: str, fs: fsspec.AbstractFileSystem | None) -> tuple[nib.Nifti1Image, int]:  # fmt: skip
+    """A mask or label map (and its file's size), refused unless it lies on its image's grid."""
+    img, nbytes = load_nifti(path, fs=fs)
     if img.shape != shape:
         raise InputError(f"{path}: {what} shape {img.shape} differs from image {image_path} shape {shape}")
     if not np.allclose(img.affine, affine, atol=_AFFINE_TOL):
         raise InputError(f"{path}: {what} affine differs from that of image {image_path}")
-    return img
+    return img, nbytes
 
 
 def _load_label(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, image_path: str | Path,
-                fs: fsspec.AbstractFileSystem | None) -> np.ndarray:  # fmt: skip
-    values = _load_aligned(path, shape, affine, image_path, "label map", fs).get_fdata(dtype=np.float32)
+                fs: fsspec.AbstractFileSystem | None) -> tuple[np.ndarray, int]:  # fmt: skip
+    img, nbytes = _load_aligned(path, shape, affine, image_path, "label map", fs)
+    values = img.get_fdata(dtype=np.float32)
     _check_values(values, path, allow_constant=True)
     if values.min() < 0 or values.max() > 255 or not np.array_equal(values, np.round(values)):
         raise InputError(f"{path}: a label map holds whole classes 0-255, found values in [{values.min()}, "
                          f"{values.max()}]")  # fmt: skip
-    return values.astype(np.uint8)
+    return values.astype(np.uint8), nbytes
 
 
 def _load_mask(path: str | Path, shape: tuple[int, ...], affine: np.ndarray, image_path: str | Path,
-               fs: fsspec.AbstractFileSystem | None) -> np.ndarray:  # fmt: skip
-    mask = _load_aligned(path, shape, affine, image_path, "mask", fs)
+               fs: fsspec.AbstractFileSystem | None) -> tuple[np.ndarray, int]:  # fmt: skip
+    mask, nbytes = _load_aligned(path, shape, affine, image_path, "mask", fs)
     proxy = mask.dataobj
     if nib.is_proxy(proxy) and np.issubdtype(proxy.dtype, np.integer) and proxy.slope == 1 and proxy.inter == 0:
-        return (proxy.get_unscaled() > 0).view(np.uint8)  # integer labels: no float copy of the whole mask
+        return (proxy.get_unscaled() > 0).view(np.uint8), nbytes  # integer labels: no float copy of the whole mask
     values = mask.get_fdata(dtype=np.float32)
     _check_values(values, path, allow_constant=True)
-    return (values > 0.5).view(np.uint8)
+    return (values > 0.5).view(np.uint8), nbytes
 
 
 def _check_values(data: np.ndarray, path: str | Path, allow_constant: bool = False) -> None:

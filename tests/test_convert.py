@@ -45,6 +45,11 @@ def test_demo_manifest_has_every_csv_column_and_one_row_per_image(demo_corpus: P
     merged = manifest.merge(source, on="image_path", suffixes=("", "_src"))
     for column in ("modality", "image_quality_score", "sex", "magnetic_field_strength"):
         assert (merged[column] == merged[f"{column}_src"]).all(), column
+    # source_nbytes is the image and its masks as read, counted without asking the filesystem again
+    for row in merged.itertuples():
+        files = [row.image_path, row.anat_mask_path, row.anon_mask_path]
+        sizes = sum((demo_corpus / "OpenMind" / f).stat().st_size for f in files if isinstance(f, str) and f)
+        assert row.source_nbytes == sizes, row.id
 
 
 def test_stored_geometry_and_intensities_match_the_source(demo_corpus: Path, demo_out: Path) -> None:
