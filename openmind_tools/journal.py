@@ -25,8 +25,9 @@ from openmind_tools.storage import Place
 
 JOURNAL, JOURNAL_OBJECTS = ".journal.jsonl", ".journal"  # the local journal; the object store's
 # An object store's journal is written every 64 entries or 2 s: a kill loses at most that, and 114k volumes on a
-# cluster converting 10 per second leave ~6k small objects, read back in a minute or two by a resumed run
+# cluster converting 10 per second leave ~6k small objects, which a resumed run reads JOURNAL_READ_AHEAD at a time
 JOURNAL_BATCH, JOURNAL_SECONDS = 64, 2.0
+JOURNAL_READ_AHEAD = 256  # journal objects fetched at a time by a resumed run
 
 
 @dataclass
@@ -89,8 +90,10 @@ class Journal:
             return
         names = [p for p in self.objects.find() if re.fullmatch(r"[0-9]{8}\.jsonl", p.rsplit("/", 1)[-1])]
         self.next = 1 + max((int(n.rsplit("/", 1)[-1].split(".")[0]) for n in names), default=-1)
-        for name in names:
-            yield from Place(self.out.fs, name).read_bytes().decode(errors="replace").splitlines()
+        for start in range(0, len(names), JOURNAL_READ_AHEAD):  # concurrent GETs on S3, in order
+            chunk = names[start : start + JOURNAL_READ_AHEAD]
+            for data in self.out.fs.cat_ranges(chunk, [None] * len(chunk), [None] * len(chunk), on_error="raise"):
+                yield from data.decode(errors="replace").splitlines()
 
     def __enter__(self) -> Journal:
         if self.local:

@@ -145,3 +145,20 @@ def test_a_create_retried_after_its_answer_was_lost_is_its_own(out: Place) -> No
     with pytest.raises(FileExistsError):
         place.create_bytes(b"second")
     assert place.read_bytes() == b"first"
+
+
+def test_a_journal_of_many_objects_is_read_back_in_order(out: Place, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects are fetched a batch at a time; across batches the later entry of a volume still wins."""
+    monkeypatch.setattr("openmind_tools.journal.JOURNAL_READ_AHEAD", 3)
+    journal = Journal(out)
+    journal.read()
+    for n in range(8):  # volume "a" fails in every object but the last, where it converts
+        last = {"status": "ok", "shape": [2, 3, 4]} if n == 7 else {"status": "error"}
+        journal.append({"volume": {"id": "a", **last}})
+        journal.append({"volume": {"id": f"v{n}", "status": "error"}})
+        journal.flush()
+    assert len((out / JOURNAL_OBJECTS).find()) == 8
+    entries = Journal(out).read()
+    assert entries.status == {"a": "ok", **{f"v{n}": "error" for n in range(8)}}
+    assert entries.shapes == {"a": (2, 3, 4)}
+    assert [e["volume"]["id"] for e in Journal(out).entries()][1::2] == [f"v{n}" for n in range(8)]
