@@ -113,6 +113,8 @@ def _finetune_parser(commands: Any) -> None:
     f.add_argument("--shots", type=_shots, default=(4, 20), help="labelled subjects K, comma-separated (per class "
                    "for classification; default 4,20)")  # fmt: skip
     f.add_argument("--seeds", type=positive_int, default=3, help="draws of the K subjects and inits (default 3)")
+    f.add_argument("--first-seed", type=non_negative_int, default=0, help="number of the first seed (default 0): "
+                   "--first-seed 3 --seeds 2 adds seeds 3 and 4 to an earlier run of seeds 0-2")  # fmt: skip
     f.add_argument("--steps", type=non_negative_int, default=250, help="optimizer steps per run (default 250)")
     f.add_argument("--batch-size", type=positive_int, default=2, help="patches per step (default 2)")
     f.add_argument("--patch-size", type=positive_int, help="crop edge in voxels (default: the encoder's pretraining "

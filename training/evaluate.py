@@ -230,8 +230,8 @@ def finetune_command(args: Any) -> FinetuneReport:
     from training.finetune import FinetuneSettings, finetune
     from training.segmentation import SegmentationTask
 
-    settings = FinetuneSettings(shots=args.shots, seeds=args.seeds, steps=args.steps, batch_size=args.batch_size,
-                                patch_size=args.patch_size, lr=args.lr)  # fmt: skip
+    settings = FinetuneSettings(shots=args.shots, seeds=args.seeds, first_seed=args.first_seed, steps=args.steps,
+                                batch_size=args.batch_size, patch_size=args.patch_size, lr=args.lr)  # fmt: skip
     if args.dataset and (args.target or args.bins):
         raise ConfigError("--target and --bins choose a classification target: use them with --manifest")
     if args.manifest and not args.target:

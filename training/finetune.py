@@ -46,6 +46,7 @@ class Task(Protocol):
 class FinetuneSettings:
     shots: tuple[int, ...] = (4, 20)  # labelled subjects (per class, for classification); AMAES uses 20
     seeds: int = 3  # draws of the K subjects and initialisations, the same for every encoder
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1: a later call adds new draws to an earlier one's
     steps: int = 250  # optimizer steps per run, the same for pretrained and scratch
     batch_size: int = 2
     patch_size: int | None = None  # crop edge; default the first source's pretraining patch
@@ -55,7 +56,7 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if not self.shots or any(not isinstance(k, int) or k < 1 for k in self.shots):
             raise ConfigError(f"--shots: expected positive whole numbers, got {list(self.shots)}")
-        for name, low in (("seeds", 1), ("steps", 0), ("batch_size", 1)):
+        for name, low in (("seeds", 1), ("first_seed", 0), ("steps", 0), ("batch_size", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"--{name.replace('_', '-')}: expected a whole number >= {low}, got {value!r}")
@@ -107,12 +108,13 @@ def finetune(
     for encoder in encoders:
         encoder.check_patch_size(patch)
     entries = _entries(encoders)
-    total = sum(len(task.draws(k, s)) for k in settings.shots for s in range(settings.seeds)) * len(entries)
+    seeds = range(settings.first_seed, settings.first_seed + settings.seeds)
+    total = sum(len(task.draws(k, s)) for k in settings.shots for s in seeds) * len(entries)
     bar = tqdm(total=total, desc=f"finetune {task.name}", unit="run", disable=not progress)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for shots in settings.shots:
-        for seed in range(settings.seeds):
+        for seed in seeds:
             for split, train, test in task.draws(shots, seed):
                 for label, source, plan, state in entries:
                     model = task.build(plan, state, seed)

@@ -78,6 +78,20 @@ def test_segmentation_runs_start_from_the_export_and_scratch_does_not(
     assert "| mean_dice | 2 |" in (out / "finetune.md").read_text() and (out / "finetune.png").stat().st_size > 5000
 
 
+def test_first_seed_adds_new_seeds_that_equal_the_same_seeds_of_a_longer_run(
+    dataset: Path, export: Path, tmp_path: Path
+) -> None:
+    base = [str(export), "--dataset", str(dataset), "--shots", "2", "--steps", "2", "--test-subjects", "2",
+            "--patch-size", "32", "--no-progress"]  # fmt: skip
+    assert main(["finetune", *base, "-o", str(tmp_path / "both"), "--seeds", "2"]) == 0
+    assert main(["finetune", *base, "-o", str(tmp_path / "later"), "--seeds", "1", "--first-seed", "1"]) == 0
+    both, later = (pd.read_csv(tmp_path / name / "finetune.csv") for name in ("both", "later"))
+    assert list(both["seed"]) == [0, 0, 1, 1] and list(later["seed"]) == [1, 1]
+    columns = ["encoder", "seed", "train_volumes", "start_encoder", "mean_dice"]
+    pd.testing.assert_frame_equal(both.loc[both["seed"] == 1, columns].reset_index(drop=True), later[columns])
+    assert json.loads((tmp_path / "later" / "finetune.json").read_text())["settings"]["first_seed"] == 1
+
+
 def test_a_fine_tune_killed_midway_keeps_the_runs_it_finished(
     dataset: Path, export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
