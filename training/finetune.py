@@ -75,6 +75,23 @@ class FinetuneReport:
     runs: pd.DataFrame  # one row per (encoder, shots, seed, split): its scores and where it started
     settings: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    twins: dict[str, str] = field(default_factory=dict)  # each pretrained encoder's label -> its scratch twin's
+
+    def gains(self) -> pd.DataFrame:
+        """Pretrained minus scratch, run by run on the same draw (K, seed, split): the mean gain, its std over the
+        pairs and how many pairs the pretrained run won. Both arms share each draw's subjects, decoder init and
+        crop order, so the paired gain leaves out what a draw does to both arms alike, which each arm's own spread
+        holds. A pair with a run missing (a fine-tune stopped midway) is left out."""
+        keys, rows = ["shots", "seed", "split"], []
+        for encoder, twin in self.twins.items():
+            pretrained, scratch = (self.runs[self.runs["encoder"] == name].set_index(keys) for name in (encoder, twin))
+            paired = pretrained[self.metrics] - scratch[self.metrics].reindex(pretrained.index)
+            for metric in self.metrics:
+                for shots, gain in paired[metric].dropna().groupby(level="shots", sort=False):
+                    rows.append({"metric": metric, "shots": shots, "encoder": encoder, "scratch": twin,
+                                 "gain": gain.mean(), "std": gain.std(), "wins": int((gain > 0).sum()),
+                                 "pairs": len(gain)})  # fmt: skip
+        return pd.DataFrame(rows, columns=["metric", "shots", "encoder", "scratch", "gain", "std", "wins", "pairs"])
 
     def summary(self) -> pd.DataFrame:
         """Mean and std over seeds and splits, per encoder, K and metric."""
@@ -91,6 +108,14 @@ class FinetuneReport:
             lines.append(f"| {metric} | {shots} | " + " | ".join(
                 f"{m:.3f} ± {s:.3f}" if np.isfinite(m) else "n/a" for m, s in zip(cells["mean"], cells["std"].fillna(0),
                                                                                    strict=True)) + " |")  # fmt: skip
+        gains = self.gains()
+        if len(gains):
+            lines += ["", "| metric | K | encoder | gain over scratch, paired by draw | pairs won |",
+                      "|---|---:|---|---:|---:|"]  # fmt: skip
+            for g in gains.itertuples():
+                spread = 0.0 if np.isnan(g.std) else g.std
+                lines.append(f"| {g.metric} | {g.shots} | {g.encoder} | {g.gain:+.3f} ± {spread:.3f} | "
+                             f"{g.wins} of {g.pairs} |")  # fmt: skip
         return "\n".join(lines)
 
 
@@ -108,6 +133,7 @@ def finetune(
     for encoder in encoders:
         encoder.check_patch_size(patch)
     entries = _entries(encoders)
+    twins = _twins(entries)
     seeds = range(settings.first_seed, settings.first_seed + settings.seeds)
     total = sum(len(task.draws(k, s)) for k in settings.shots for s in seeds) * len(entries)
     bar = tqdm(total=total, desc=f"finetune {task.name}", unit="run", disable=not progress)
@@ -130,7 +156,7 @@ def finetune(
                     bar.update()
     bar.close()
     recorded = {**asdict(settings), "patch_size": patch, "device": device.type, "sources": [e.source for e in encoders]}
-    report = FinetuneReport(task.name, task.metrics, pd.DataFrame(rows), recorded, list(notes or []))
+    report = FinetuneReport(task.name, task.metrics, pd.DataFrame(rows), recorded, list(notes or []), twins)
     _write(report, out)
     return report
 
@@ -148,12 +174,21 @@ def _entries(encoders: list[Encoder]) -> list[tuple[str, str, dict, dict[str, to
     entries = [(label, e.source, e.plan, e.net.encoder.state_dict()) for label, e in zip(labels, encoders, strict=True)]
     architectures: dict[str, tuple[str, Encoder]] = {}
     for label, encoder in zip(labels, encoders, strict=True):
-        architectures.setdefault(json.dumps(encoder.plan["architecture_plans"], sort_keys=True, default=str),
-                                 (label, encoder))  # fmt: skip
+        architectures.setdefault(_architecture(encoder.plan), (label, encoder))
     for label, encoder in architectures.values():
         name = "scratch" if len(architectures) == 1 else f"scratch (as {label})"
         entries.append((name, "random init", encoder.plan, None))
     return entries
+
+
+def _twins(entries: list[tuple[str, str, dict, dict[str, torch.Tensor] | None]]) -> dict[str, str]:
+    """Each pretrained entry's label -> the label of the scratch entry of its architecture."""
+    scratch = {_architecture(plan): label for label, _, plan, state in entries if state is None}
+    return {label: scratch[_architecture(plan)] for label, _, plan, state in entries if state is not None}
+
+
+def _architecture(plan: dict) -> str:
+    return json.dumps(plan["architecture_plans"], sort_keys=True, default=str)
 
 
 def _fit(model: nn.Module, task: Task, train: list[int], settings: FinetuneSettings, patch: int, seed: int,
@@ -184,11 +219,16 @@ def _write(report: FinetuneReport, out: Path) -> None:
     report.runs.to_csv(out / "finetune.csv", index=False)
     summary = report.summary()
     document = {"task": report.task, "settings": report.settings, "notes": report.notes,
-                "summary": [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()}
-                            for r in summary.to_dict(orient="records")]}  # fmt: skip
+                "summary": _records(summary), "gains": _records(report.gains())}  # fmt: skip
     (out / "finetune.json").write_text(json.dumps(document, indent=1, default=float, allow_nan=False) + "\n")
     (out / "finetune.md").write_text(report.markdown() + "\n")
     _plot(summary, out / "finetune.png", report)
+
+
+def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows for JSON: NaN (a std of one value, a class in no volume) as null."""
+    return [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+            for row in table.to_dict(orient="records")]  # fmt: skip
 
 
 def _plot(summary: pd.DataFrame, path: Path, report: FinetuneReport) -> None:

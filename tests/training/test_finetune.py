@@ -19,7 +19,7 @@ from nilearn.datasets import MNI152_FILE_PATH
 from training.classification import EncoderClassifier
 from training.embed import load_encoder
 from training.eval_cli import main
-from training.finetune import encoder_checksum
+from training.finetune import FinetuneReport, encoder_checksum
 from training.model import export_encoder, nnssl_pretrain_plan, resenc_tiny
 from training.segmentation import dice, dice_ce_loss
 
@@ -76,6 +76,21 @@ def test_segmentation_runs_start_from_the_export_and_scratch_does_not(
     summary = json.loads((out / "finetune.json").read_text())["summary"]
     assert {(r["metric"], r["shots"], r["encoder"]) for r in summary} >= {("mean_dice", 2, "tiny")}
     assert "| mean_dice | 2 |" in (out / "finetune.md").read_text() and (out / "finetune.png").stat().st_size > 5000
+    gains = {(g["metric"], g["shots"]): g for g in json.loads((out / "finetune.json").read_text())["gains"]}
+    by_arm = runs.set_index(["encoder", "shots"])["mean_dice"]
+    assert gains["mean_dice", 2]["gain"] == pytest.approx(by_arm["tiny", 2] - by_arm["scratch", 2])
+    assert gains["mean_dice", 2]["pairs"] == 1 and gains["mean_dice", 2]["scratch"] == "scratch"
+
+
+def test_gains_pair_each_pretrained_run_with_the_scratch_run_of_its_draw() -> None:
+    runs = pd.DataFrame({"encoder": ["mae", "scratch"] * 3 + ["mae"], "shots": [4] * 6 + [20],
+                         "seed": [0, 0, 1, 1, 2, 2, 0], "split": "held-out",
+                         "mean_dice": [0.60, 0.55, 0.50, 0.52, 0.70, 0.61, 0.9]})  # fmt: skip
+    report = FinetuneReport("segmentation", ["mean_dice"], runs, {}, twins={"mae": "scratch"})
+    gain = report.gains().set_index("shots").loc[4]  # K = 20 has no scratch run yet: no pair
+    assert list(report.gains()["shots"]) == [4] and (gain["wins"], gain["pairs"]) == (2, 3)
+    assert gain["gain"] == pytest.approx((0.05 - 0.02 + 0.09) / 3) and gain["std"] == pytest.approx(0.0557, abs=1e-4)
+    assert "| mean_dice | 4 | mae | +0.040 ± 0.056 | 2 of 3 |" in report.markdown()
 
 
 def test_first_seed_adds_new_seeds_that_equal_the_same_seeds_of_a_longer_run(
