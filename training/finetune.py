@@ -60,6 +60,8 @@ class FinetuneSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"--{name.replace('_', '-')}: expected a whole number >= {low}, got {value!r}")
+        if self.first_seed + self.seeds > 2**31:  # torch.manual_seed takes a seed up to a 64-bit integer
+            raise ConfigError(f"--first-seed + --seeds: expected at most 2**31, got {self.first_seed + self.seeds}")
         if self.patch_size is not None and not 1 <= self.patch_size <= MAX_PATCH_EDGE:
             raise ConfigError(f"--patch-size: expected 1 to {MAX_PATCH_EDGE} voxels, got {self.patch_size!r}")
         for name in ("lr", "weight_decay"):

@@ -166,6 +166,7 @@ def test_bad_inputs_exit_2_with_one_line_naming_them(
         ([*base, "--manifest", m], "--target"),
         ([*base, "--dataset", str(dataset), "--target", "age"], "use them with --manifest"),
         ([*base, "--dataset", str(dataset), "--shots", "0"], "--shots"),
+        ([*base, "--dataset", str(dataset), "--first-seed", str(2**70)], "--first-seed + --seeds: expected at most"),
         ([*base, "--dataset", str(dataset), "--patch-size", "100000"], "--patch-size: expected 1 to 512"),
         ([*base, "--dataset", str(tmp_path)], "not an nnU-Net dataset description"),
     ]
